@@ -1,0 +1,375 @@
+"""Checkpoints: arforge's own (safetensors + a small state file, written
+atomically) and a safe loader for foreign ``.pt/.pth/.ckpt`` files.
+
+Layout of one arforge checkpoint (a directory)::
+
+    step_00001000/
+        model.safetensors      # weights, one file per named module (model, ema, disc, ...)
+        ema.safetensors
+        state.pt               # optimizer/scheduler state, step, RNG states: tensors + plain data
+        meta.json              # step, config, SHA-256 and size of every file above
+
+The directory is first written as ``.step_00001000.tmp-<pid>`` and renamed into
+place only once every file is flushed, so a killed run never leaves a half
+written checkpoint that looks valid; ``latest`` is then updated with an atomic
+``os.replace``. ``state.pt`` is loaded with ``weights_only=True``: it holds only
+tensors and plain Python data, never pickled objects.
+
+Foreign checkpoints (LlamaGen, IAR, IAR2, Open-MAGVIT2) are loaded with
+``torch.load(weights_only=True)`` inside an explicit allow-list
+(``argparse.Namespace``, which the upstream trainers pickle under ``args``; see
+``shared/specs/checkpoints.md`` §1.1). Anything else is refused with the list of
+globals the file needs, never executed.
+"""
+
+from __future__ import annotations
+
+from arforge.errors import ArforgeError
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_FORMAT = "arforge-checkpoint-v1"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module")
+
+#: Globals a foreign checkpoint may reference. Extend per file type, after review.
+DEFAULT_ALLOWED_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+
+
+class CheckpointError(ArforgeError):
+    """A user-facing checkpoint problem: names the file and what to do."""
+
+
+# ======================================================================= own
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _contiguous_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"weights entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses aliased tensors; store each storage once and record the aliases."""
+    seen: dict[tuple[int, int, tuple, tuple], str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            unique[k] = v
+    return unique, aliases
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    step: int
+    weights: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    state: Mapping[str, Any] | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Atomically write ``<directory>/step_<step>/`` and point ``latest`` at it.
+
+    ``weights`` maps a module name (``model``, ``ema``, ``disc``...) to its state dict.
+    ``state`` holds tensors and plain data (optimizer state dicts, RNG states, step).
+    ``keep_last`` prunes older step directories after the new one is in place.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".step_{step:08d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files: dict[str, dict[str, Any]] = {}
+    aliases_all: dict[str, dict[str, str]] = {}
+    for name, sd in weights.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise CheckpointError(f"weights name {name!r} must be alphanumeric/underscore")
+        unique, aliases = _dedupe_shared(_contiguous_cpu(sd))
+        save_file(unique, str(tmp / f"{name}.safetensors"))
+        aliases_all[name] = aliases
+    torch.save(dict(state or {}), tmp / "state.pt")
+    for p in sorted(tmp.iterdir()):
+        files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "weights": sorted(weights),
+        "aliases": aliases_all,
+        "files": files,
+        "config": dict(config or {}),
+    }
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        trash = directory / f".trash-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(directory)
+    latest_tmp = directory / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, directory / "latest")
+    _fsync_dir(directory)
+    if keep_last is not None and keep_last > 0:
+        steps = sorted(list_checkpoints(directory))
+        for old in steps[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under ``directory`` (temporary ones are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+                  and (p / "meta.json").is_file())
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint, or None. Falls back to scanning if ``latest`` is stale."""
+    directory = Path(directory)
+    pointer = directory / "latest"
+    if pointer.is_file():
+        cand = directory / pointer.read_text().strip()
+        if (cand / "meta.json").is_file():
+            return cand
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True,
+                    map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory written by :func:`save_checkpoint`.
+
+    With ``verify`` every file is checked against the size and SHA-256 recorded
+    in ``meta.json``, so a truncated or altered file is reported by name.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "meta.json").exists() and (path / "latest").exists():
+        resolved = latest_checkpoint(path)
+        if resolved is None:
+            raise CheckpointError(f"{path}: 'latest' points at no complete checkpoint")
+        path = resolved
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{path} is not an arforge checkpoint directory (no meta.json). For an official "
+            "upstream .pt/.pth/.ckpt file use arforge.checkpoint.load_foreign or tools/convert_checkpoint.py."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is corrupt ({exc}); delete {path} and resume from an earlier step") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}")
+    if verify:
+        for fname, info in meta["files"].items():
+            fpath = path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath} is missing; the checkpoint {path} is incomplete")
+            size = fpath.stat().st_size
+            if size != info["bytes"]:
+                raise CheckpointError(
+                    f"{fpath} is truncated or altered ({size} bytes, expected {info['bytes']}); "
+                    f"delete {path} and resume from an earlier checkpoint")
+            if _sha256(fpath) != info["sha256"]:
+                raise CheckpointError(f"{fpath} does not match its recorded SHA-256; the checkpoint is corrupt")
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for name in meta["weights"]:
+        fpath = path / f"{name}.safetensors"
+        try:
+            sd = load_file(str(fpath), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{fpath} could not be read: {exc}") from exc
+        for alias, target in meta.get("aliases", {}).get(name, {}).items():
+            sd[alias] = sd[target]
+        weights[name] = sd
+    try:
+        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path / 'state.pt'} could not be read: {exc}") from exc
+    return Checkpoint(path=path, step=int(meta["step"]), weights=weights, state=state, meta=meta)
+
+
+def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Write one safetensors file atomically (for converted/exported weights)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    unique, aliases = _dedupe_shared(_contiguous_cpu(state))
+    md = {k: str(v) for k, v in (metadata or {}).items()}
+    if aliases:
+        md["arforge.aliases"] = json.dumps(aliases)
+    save_file(unique, str(tmp), metadata=md)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        sd = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            md = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              "it may be truncated -- re-export or re-convert it") from exc
+    for alias, target in json.loads(md.get("arforge.aliases", "{}")).items():
+        sd[alias] = sd[target]
+    return sd
+
+
+# =================================================================== foreign
+def strip_wrapper_prefixes(state: Mapping[str, Any],
+                           segments: Iterable[str] = WRAPPER_SEGMENTS) -> dict[str, Any]:
+    """Remove DDP/compile/FSDP wrapper segments (whole dot-separated segments, anywhere)."""
+    drop = set(segments)
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        nk = ".".join(p for p in k.split(".") if p not in drop)
+        if nk in out:
+            raise CheckpointError(f"keys {k!r} and another key both normalise to {nk!r}")
+        out[nk] = v
+    return out
+
+
+def load_foreign(path: str | os.PathLike, *, allowed_globals: Iterable[Any] = DEFAULT_ALLOWED_GLOBALS) -> Any:
+    """``torch.load(weights_only=True)`` with an explicit allow-list, and clear errors.
+
+    A truncated file, a file that is not a torch checkpoint, or one that needs a
+    global outside the allow-list is refused with a message naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_weights(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({exc}); download it again") from exc
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt (member {bad!r} fails its CRC); download it again")
+    elif not _looks_like_legacy_torch(path):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a legacy torch file); "
+            "it may be truncated, or another format")
+    allowed = list(allowed_globals)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError from the zip reader, EOFError...
+        needed = _unsafe_globals(path)
+        names = {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+        extra = [g for g in needed if g not in names]
+        if extra:
+            raise CheckpointError(
+                f"refusing to load {path}: it references globals outside arforge's allow-list: "
+                f"{', '.join(extra)}. Loading them would execute arbitrary code. If this file comes from "
+                "a trusted upstream release, convert it with tools/convert_checkpoint.py after adding "
+                "these globals to that format's allow-list (after review)."
+            ) from exc
+        raise CheckpointError(f"could not load {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _looks_like_legacy_torch(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80"  # pickle protocol marker of the legacy (pre-1.6) format
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:
+        return []
+
+
+def unwrap_container(obj: Any, *, prefer: str = "model") -> tuple[dict[str, torch.Tensor], str]:
+    """Find the weights inside an upstream container (``checkpoints.md`` §1.2).
+
+    Returns ``(state_dict, where)``, where ``where`` names the entry used.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict-like checkpoint, got {type(obj).__name__}")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), "(bare state dict)"
+    for key in (prefer, "state_dict", "module", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return dict(obj[key]), key
+    raise CheckpointError(
+        f"no weights found: the checkpoint has top-level keys {sorted(map(str, obj))[:12]} "
+        f"but none of {prefer!r}, 'state_dict', 'module', 'model'")

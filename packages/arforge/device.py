@@ -1,0 +1,158 @@
+"""Devices, precision and the distributed process group, decided in one place.
+
+``auto`` picks CUDA, then an Ascend NPU (only if ``torch_npu`` is importable),
+then the CPU. ``torch_npu`` is imported late and only when asked for: once it is
+installed, a plain ``import torch`` fails on machines without the CANN
+libraries, so it can never be a default dependency (see ``shared/specs/stack.md``).
+"""
+
+from __future__ import annotations
+
+from arforge.errors import ArforgeError
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "npu")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+NPU_INSTALL_HINT = (
+    "the 'npu' device needs torch-npu and the Ascend CANN toolkit. Install it with "
+    "`pip install 'arforge[npu]'` (torch-npu pins torch exactly: install the torch "
+    "version it names first) and source the CANN set_env.sh, or choose device='cpu'/'cuda'."
+)
+
+
+class DeviceError(ArforgeError):
+    """A user-facing device problem (no traceback in the CLI)."""
+
+
+def _import_torch_npu():
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
+    except Exception as exc:  # ImportError, or OSError for a missing libhccl.so
+        raise DeviceError(f"{NPU_INSTALL_HINT} (import torch_npu failed: {exc})") from exc
+    return torch_npu
+
+
+def npu_available() -> bool:
+    try:
+        _import_torch_npu()
+    except DeviceError:
+        return False
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def resolve_device(name: str = "auto", *, local_rank: int | None = None) -> torch.device:
+    """Turn ``auto|cpu|cuda|npu`` (optionally ``cuda:1``) into a ``torch.device``."""
+    base, _, index = name.partition(":")
+    if base not in DEVICES:
+        raise DeviceError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if base == "auto":
+        if torch.cuda.is_available():
+            base = "cuda"
+        elif importlib_util_find("torch_npu") and npu_available():
+            base = "npu"
+        else:
+            base = "cpu"
+    if base == "cpu":
+        return torch.device("cpu")
+    if base == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device 'cuda' was asked for but torch.cuda.is_available() is False; "
+                              "use device='cpu' or install a CUDA build of torch")
+        return torch.device("cuda", int(index) if index else local_rank)
+    _import_torch_npu()
+    if not torch.npu.is_available():
+        raise DeviceError("device 'npu' was asked for but torch.npu.is_available() is False")
+    return torch.device("npu", int(index) if index else local_rank)
+
+
+def importlib_util_find(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast policy. fp32 means no autocast; bf16/fp16 autocast the forward pass.
+
+    fp16 additionally needs a gradient scaler (``needs_scaler``); bf16 does not.
+    """
+
+    name: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.name not in PRECISIONS:
+            raise DeviceError(f"unknown precision {self.name!r}; choose one of {', '.join(PRECISIONS)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.name]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    @contextlib.contextmanager
+    def autocast(self, device: torch.device) -> Iterator[None]:
+        if self.name == "fp32":
+            yield
+            return
+        dtype = self.dtype
+        if device.type == "cpu" and dtype == torch.float16:
+            # CPU autocast supports fp16 only on recent builds; bf16 is the CPU path.
+            dtype = torch.bfloat16
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+    def grad_scaler(self, device: torch.device):
+        return torch.amp.GradScaler(device.type, enabled=self.needs_scaler and device.type != "cpu")
+
+
+# ----------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.distributed.is_initialized():
+        return dist_info()
+    backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend=backend)
+    return dist_info()
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,381 @@
+"""Gin launches: parse a gin file, open an MLflow run, call the configured job.
+
+A launch file names its root with the ``launch`` configurable::
+
+    include "base.gin"                       # resolved against this file's folder, then gin/
+    launch.experiment = "quickstart"
+    launch.run_name = "tokenizer"
+    launch.job = @jobs.train_tokenizer       # any registered job
+    jobs.train_tokenizer.steps = 600
+
+``arforge run FILE.gin --bind 'jobs.train_tokenizer.steps = 10'`` loads the
+plugins, parses the file and runs ``launch``. The job is called as
+``job(ctx)`` with a :class:`RunContext` (tracker, device, precision, output
+folder, seed); components never see gin or MLflow themselves.
+
+Gin mistakes become :class:`arforge.errors.ConfigError` with the file, the
+line and, for unknown names, the closest registered name.
+"""
+
+from __future__ import annotations
+
+import importlib.util  # noqa: F401  (gin 0.5's include error path needs importlib.util loaded)
+import inspect
+import json
+import os
+import random
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import gin
+
+from arforge import registry as reg
+from arforge.errors import ArforgeError, ConfigError
+
+_LOCATION = re.compile(r'In (?:file "(?P<file>[^"]+)"|bindings string), line (?P<line>\d+)')
+
+
+# ------------------------------------------------------------------ paths
+def repo_root() -> Path | None:
+    """The checkout holding this package (editable installs), if any."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "gin").is_dir() and (parent / "packages").is_dir():
+            return parent
+    return None
+
+
+def gin_search_paths(config_file: str | os.PathLike | None = None) -> list[Path]:
+    """Where ``include`` looks: the file's folder, ``$ARFORGE_GIN_PATH`` and the repo's ``gin/``."""
+    paths: list[Path] = []
+    if config_file is not None:
+        paths.append(Path(config_file).resolve().parent)
+    for extra in filter(None, os.environ.get("ARFORGE_GIN_PATH", "").split(os.pathsep)):
+        paths.append(Path(extra).resolve())
+    root = repo_root()
+    if root is not None:
+        paths.append(root / "gin")
+        paths.append(root)
+    return paths
+
+
+# -------------------------------------------------------------- gin errors
+def _all_selectors() -> list[str]:
+    out = []
+    for sel in gin.config._REGISTRY.get_all_matches(""):  # noqa: SLF001  (gin has no public listing)
+        out.append(sel)
+    return out
+
+
+def _configurable_params(selector: str) -> list[str]:
+    try:
+        fn = gin.config._REGISTRY.get_match(selector).wrapped  # noqa: SLF001
+    except Exception:
+        return []
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        return [p for p in inspect.signature(target).parameters if p not in ("self", "ctx")]
+    except (TypeError, ValueError):
+        return []
+
+
+def explain_gin_error(exc: BaseException, *, config_file: str | None = None,
+                      bindings: Sequence[str] = ()) -> ConfigError:
+    """Turn a gin exception into a short message with file:line and a suggestion."""
+    text = str(exc)
+    where = ""
+    m = _LOCATION.search(text)
+    if m:
+        if m.group("file"):
+            where = f"{m.group('file')}:{m.group('line')}"
+        else:
+            line = int(m.group("line"))
+            binding = bindings[line - 1] if 0 < line <= len(bindings) else ""
+            where = f"--bind {binding!r}" if binding else f"--bind line {line}"
+    elif config_file is not None:
+        where = str(config_file)
+        tok = re.search(r"\((\d+), (\d+)\)", text)
+        if tok:
+            where += f":{tok.group(1)}"
+    headline = text.split("\n")[0].strip()
+    hint = ""
+    if m_unknown := re.search(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'", text):
+        wanted = m_unknown.group(1).split("/")[-1]
+        kind, _, name = wanted.rpartition(".")
+        known = [s for s in _all_selectors()]
+        if kind in reg.KINDS:
+            names = reg.registry().names(kind)
+            suggestion = reg.closest(name, names)
+            hint = (f" Did you mean {kind}.{suggestion}?" if suggestion else "") + \
+                f" Registered {kind}: {', '.join(names) or '(none)'}."
+        else:
+            suggestion = reg.closest(wanted, known)
+            if suggestion:
+                hint = f" Did you mean {suggestion}?"
+        headline = f"unknown configurable {wanted!r}."
+    elif m_param := re.search(r"Configurable '([\w./]+)' doesn't have a parameter named '(\w+)'", text):
+        selector, param = m_param.groups()
+        params = _configurable_params(selector)
+        suggestion = reg.closest(param, params)
+        headline = f"{selector} has no parameter {param!r}."
+        hint = (f" Did you mean {selector}.{suggestion}?" if suggestion else "") + \
+            (f" Its parameters: {', '.join(params)}." if params else "")
+    elif isinstance(exc, SyntaxError) or "TokenError" in type(exc).__name__ or "Malformed" in text:
+        headline = f"syntax error: {headline}"
+    elif m_req := re.search(r"Required bindings for `([\w.]+)` not provided in config: \[(.*?)\]", text):
+        fn, params = m_req.groups()
+        params = [p.strip(" '\"") for p in params.split(",") if p.strip()]
+        headline = f"missing required value{'s' if len(params) > 1 else ''} " + \
+            ", ".join(f"{fn}.{p}" for p in params) + "."
+        hint = f" Bind {'them' if len(params) > 1 else 'it'} in the gin file or with --bind '{fn}.{params[0]} = ...'."
+        where = where or (str(config_file) if config_file else "")
+    prefix = f"{where}: " if where else ""
+    return ConfigError(f"{prefix}{headline}{hint}")
+
+
+def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *,
+          clear: bool = True) -> None:
+    """Load the plugins and parse ``config_file`` plus ``bindings`` into gin's global state."""
+    reg.load_plugins()
+    if clear:
+        gin.clear_config()
+    for p in gin_search_paths(config_file):
+        if str(p) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001
+            gin.add_config_file_search_path(str(p))
+    files = []
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"gin file {config_file} does not exist")
+        files.append(str(path.resolve()))
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+    except (ValueError, SyntaxError, KeyError, AttributeError, TypeError, IOError) as exc:
+        raise explain_gin_error(exc, config_file=str(config_file) if config_file else None,
+                                bindings=bindings) from exc
+    except Exception as exc:
+        if type(exc).__name__ == "TokenError":
+            raise explain_gin_error(exc, config_file=str(config_file) if config_file else None,
+                                    bindings=bindings) from exc
+        raise
+
+
+def bound_parameters() -> dict[str, str]:
+    """Every parameter bound in the parsed config, as ``scope/selector.param -> value``."""
+    out: dict[str, str] = {}
+    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
+        sel = selector.split(".")[-1] if False else selector
+        for name, value in params.items():
+            key = f"{scope + '/' if scope else ''}{sel}.{name}"
+            out[key] = _gin_repr(value)
+    return dict(sorted(out.items()))
+
+
+def _gin_repr(value: Any) -> str:
+    try:
+        return gin.config._format_value(value)  # noqa: SLF001  (same text the config file would show)
+    except Exception:
+        return repr(value)
+
+
+# ------------------------------------------------------------------- runs
+@dataclass
+class RunContext:
+    """What a job receives: where to write, how to log, which device."""
+
+    experiment: str
+    run_name: str
+    output_dir: Path
+    tracker: Any
+    device: Any
+    precision: Any
+    seed: int
+    dist: Any
+    resume: bool = False
+    config_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[{self.run_name}] {msg}", flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _safe_dirname(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+@gin.configurable(module="arforge")
+def launch(
+    job: Callable[..., Any] = gin.REQUIRED,
+    *,
+    experiment: str = gin.REQUIRED,
+    run_name: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    seed: int = 0,
+    output_dir: str | None = None,
+    resume: str = "auto",
+    tags: dict[str, str] | None = None,
+) -> Any:
+    """Run ``job(ctx)`` inside an MLflow run.
+
+    Args:
+        job: the registered job to call, e.g. ``@jobs.train_tokenizer``.
+        experiment: MLflow experiment name (runs of one study/pipeline share it).
+        run_name: MLflow run name and output sub-folder (default: the job's name).
+        device: ``auto|cpu|cuda|npu``.
+        precision: ``fp32|bf16|fp16`` autocast policy.
+        seed: global seed; each rank adds its rank.
+        output_dir: where checkpoints and exports go (default
+            ``$ARFORGE_HOME/outputs/<experiment>/<run_name>``).
+        resume: ``auto`` continues an unfinished run found in ``output_dir``,
+            ``never`` starts over, ``must`` fails if there is nothing to resume.
+        tags: extra MLflow tags.
+    """
+    return _launch(job, experiment=experiment, run_name=run_name, device=device, precision=precision,
+                   seed=seed, output_dir=output_dir, resume=resume, tags=tags or {})
+
+
+_CURRENT: dict[str, Any] = {}
+
+
+def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, resume, tags):
+    import mlflow
+    import torch
+
+    from arforge import device as dev
+    from arforge import tracking
+
+    if resume not in ("auto", "never", "must"):
+        raise ConfigError(f"launch.resume must be 'auto', 'never' or 'must', not {resume!r}")
+    job_name = getattr(job, "__name__", type(job).__name__)
+    run_name = run_name or job_name
+    torch_device = dev.resolve_device(device)
+    prec = dev.Precision(precision)
+    dist = dev.init_distributed(torch_device)
+    out = Path(output_dir) if output_dir else tracking.home() / "outputs" / _safe_dirname(experiment) / _safe_dirname(run_name)
+    state_file = out / "run.json"
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else None
+    resuming = bool(previous) and previous.get("status") != "FINISHED" and resume != "never"
+    if resume == "must" and not resuming:
+        raise ConfigError(f"launch.resume = 'must' but {out} holds no unfinished run to resume")
+    seed_everything(seed + dist.rank)
+
+    tracker: tracking.Tracker = tracking.Tracker()
+    run_id = None
+    if dist.is_main:
+        tracking.configure()
+        exp_id = tracking.ensure_experiment(experiment)
+        if resuming:
+            run_id = previous["run_id"]
+            try:
+                mlflow.tracking.MlflowClient().get_run(run_id)
+            except Exception:
+                run_id = None
+        if run_id is None:
+            run = mlflow.tracking.MlflowClient().create_run(exp_id, run_name=run_name)
+            run_id = run.info.run_id
+            resuming = resuming and False
+        else:
+            mlflow.tracking.MlflowClient().update_run(run_id, status="RUNNING")
+        tracker = tracking.MlflowTracker(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"run_id": run_id, "status": "RUNNING", "experiment": experiment,
+                                          "run_name": run_name, "started": time.time()}))
+        reg_ = reg.registry()
+        config_file = _CURRENT.get("config_file")
+        plugin_dists = reg_.distributions()
+        tracker.set_tags({
+            **tracking.git_state(config_file or Path.cwd()),
+            "arforge.job": job_name,
+            "arforge.config_file": str(config_file or ""),
+            "arforge.device": str(torch_device),
+            "arforge.precision": prec.name,
+            "arforge.world_size": str(dist.world_size),
+            "arforge.resumed": str(resuming).lower(),
+            "torch.version": torch.__version__,
+            "arforge.plugins": ", ".join(f"{k}=={v}" if v else k for k, v in sorted(plugin_dists.items())),
+            **tags,
+        })
+        params = bound_parameters()
+        if not resuming:
+            tracker.log_params({"gin." + k: v for k, v in params.items()})
+        tracker.log_text(gin.config_str(), "config/config.gin")
+    if dist.enabled:
+        obj = [out]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        out = obj[0]
+    ctx = RunContext(experiment=experiment, run_name=run_name, output_dir=out, tracker=tracker,
+                     device=torch_device, precision=prec, seed=seed, dist=dist, resume=resuming,
+                     config_file=_CURRENT.get("config_file"))
+    status = "FAILED"
+    try:
+        result = job(ctx)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if dist.is_main:
+            try:
+                tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+            except Exception:
+                pass
+            mlflow.tracking.MlflowClient().set_terminated(run_id, status=status)
+            state = json.loads(state_file.read_text())
+            state.update(status=status, ended=time.time())
+            state_file.write_text(json.dumps(state))
+            ctx.log(f"{status.lower()}: MLflow run {run_id} in experiment {experiment!r} ({tracking.tracking_uri()})")
+        _CURRENT["last_run_id"] = run_id
+        _CURRENT["last_output_dir"] = out
+
+
+def run_file(config_file: str | os.PathLike | None, bindings: Sequence[str] = ()) -> Any:
+    """Parse and run a launch file. Raises :class:`ConfigError` for gin mistakes."""
+    parse(config_file, bindings)
+    _CURRENT.clear()
+    _CURRENT["config_file"] = str(Path(config_file).resolve()) if config_file else None
+    try:
+        return launch()
+    except ArforgeError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "Required bindings for" in text or "No configurable matching" in text:
+            raise explain_gin_error(exc, config_file=str(config_file) if config_file else None,
+                                    bindings=bindings) from exc
+        raise
+
+
+def last_run() -> tuple[str | None, Path | None]:
+    """``(run_id, output_dir)`` of the most recent launch in this process."""
+    return _CURRENT.get("last_run_id"), _CURRENT.get("last_output_dir")
+
+
+def format_exception_short(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def iter_gin_files(roots: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for r in roots:
+        files.extend(sorted(Path(r).rglob("*.gin")))
+    return files
