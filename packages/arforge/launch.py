@@ -102,6 +102,13 @@ def explain_gin_error(exc: BaseException, *, config_file: str | None = None,
         if tok:
             where += f":{tok.group(1)}"
     headline = text.split("\n")[0].strip()
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        fname = exc.filename or config_file or ""
+        if config_file and not os.path.isabs(fname):
+            cand = Path(config_file).resolve().parent / fname
+            fname = str(cand) if cand.exists() else str(config_file)
+        where = f"{fname}:{exc.lineno}"
+        headline = exc.msg or headline
     hint = ""
     if m_unknown := re.search(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'", text):
         wanted = m_unknown.group(1).split("/")[-1]
@@ -152,16 +159,28 @@ def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *
         if not path.is_file():
             raise ConfigError(f"gin file {config_file} does not exist")
         files.append(str(path.resolve()))
+    _guarded(lambda: gin.parse_config_files_and_bindings(files, [], finalize_config=False),
+             config_file=str(config_file) if config_file else None)
+    # Bindings are parsed one by one so an error names the --bind at fault.
+    for binding in bindings:
+        _guarded(lambda b=binding: gin.parse_config(b), binding=binding)
+
+
+def _guarded(fn: Callable[[], Any], *, config_file: str | None = None, binding: str | None = None) -> None:
     try:
-        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
-    except (ValueError, SyntaxError, KeyError, AttributeError, TypeError, IOError) as exc:
-        raise explain_gin_error(exc, config_file=str(config_file) if config_file else None,
-                                bindings=bindings) from exc
+        fn()
     except Exception as exc:
-        if type(exc).__name__ == "TokenError":
-            raise explain_gin_error(exc, config_file=str(config_file) if config_file else None,
-                                    bindings=bindings) from exc
-        raise
+        if not isinstance(exc, (ValueError, SyntaxError, KeyError, AttributeError, TypeError, OSError)) \
+                and type(exc).__name__ != "TokenError":
+            raise
+        err = explain_gin_error(exc, config_file=config_file, bindings=[binding] if binding else ())
+        if binding is not None:
+            msg = str(err)
+            msg = re.sub(r"^--bind line \d+: ", "", msg)
+            if not msg.startswith("--bind"):
+                msg = f"--bind {binding!r}: {msg}"
+            err = ConfigError(msg)
+        raise err from exc
 
 
 def bound_parameters() -> dict[str, str]:

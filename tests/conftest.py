@@ -1,0 +1,32 @@
+"""Shared fixtures: every test gets its own embedded MLflow/Optuna home and a clean gin state."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Runs write to a per-test ``ARFORGE_HOME``; no tracking server leaks in."""
+    monkeypatch.setenv("ARFORGE_HOME", str(tmp_path / "arforge_runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ARFORGE_GIN_PATH", raising=False)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    """gin state is global: clear it around every test."""
+    try:
+        import gin
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    gin.clear_config()
+    yield
+    gin.clear_config()
