@@ -1,0 +1,366 @@
+"""Pieces shared by the tokenizer and AR trainers.
+
+* :class:`EMA` -- an exact-copy EMA over parameters (LlamaGen ``update_ema``;
+  Open-MAGVIT2 ``LitEma`` with the warm-up disabled is the same recurrence).
+* :func:`param_groups` -- AdamW decay groups (``ar_models.md`` §7: decay tensors
+  with >= 2 dims, never norms or biases; IAR2's name-based rule as a parity option).
+* :func:`lr_multiplier` -- constant, cosine, Open-MAGVIT2 warm-up/hold/linear,
+  and step decay, as pure functions of the iteration.
+* :class:`TrainLoop` -- checkpoint/resume with RNG states (exact resume), the
+  NaN guard, periodic logging and a progress bar.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from arforge import checkpoint as ck
+from arforge.errors import ArforgeError
+
+
+class NonFiniteLossError(ArforgeError):
+    """The loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
+
+
+# ----------------------------------------------------------------------- EMA
+class EMA:
+    """p_ema <- decay * p_ema + (1 - decay) * p over parameters; buffers are copied as-is.
+
+    Starts as an exact copy of the model (LlamaGen ``utils/ema.py``). Only the
+    modules handed in are tracked -- the trainers pass the generator, never the
+    discriminator (``upstream_pitfalls.md`` C6).
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = dict(_unwrap(model).named_parameters())
+        for name, p in self.model.named_parameters():
+            p.lerp_(src[name].detach().to(p.dtype), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(sd, strict=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+# -------------------------------------------------------------- decay groups
+def param_groups(model: nn.Module, *, weight_decay: float, rule: str = "ndim") -> list[dict[str, Any]]:
+    """AdamW parameter groups.
+
+    ``rule="ndim"``: decay tensors with >= 2 dims (weights, embeddings), not
+    1-D ones (norm gains, biases) -- LlamaGen's rule and arforge's default.
+    ``rule="name_norm"``: IAR2 FSDP parity -- decay every parameter whose name
+    lacks "norm" (biases decayed; ``upstream_pitfalls.md`` D4).
+    """
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if rule == "ndim":
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        elif rule == "name_norm":
+            (no_decay if "norm" in name else decay).append(p)
+        else:
+            raise ValueError(f"unknown decay rule {rule!r}; use 'ndim' or 'name_norm'")
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+# --------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class Schedule:
+    """An LR multiplier of the iteration ``it`` (0-based), applied to the peak lr.
+
+    kinds:
+      * ``constant``.
+      * ``cosine``: from 1 to ``end_factor`` over ``total_steps`` (IAR2: 3e-4 -> 1e-4 is end_factor 1/3),
+        after ``warmup_steps`` of linear warm-up.
+      * ``warmup_hold_linear``: Open-MAGVIT2 ``lr_wd_annealing`` (``ar_models.md`` §7): linear
+        warm-up from ``wp0`` over ``warmup_steps``, hold at peak for the first 5 % of the rest,
+        then linear to ``wpe`` at the last iteration.
+      * ``step``: multiply by ``gamma`` at each of ``milestones`` (iterations).
+    """
+
+    kind: str = "constant"
+    total_steps: int = 0
+    warmup_steps: int = 0
+    end_factor: float = 0.0
+    wp0: float = 0.005
+    wpe: float = 0.1
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "cosine", "warmup_hold_linear", "step"):
+            raise ValueError(f"unknown LR schedule {self.kind!r}; use constant, cosine, "
+                             "warmup_hold_linear or step")
+        if self.kind in ("cosine", "warmup_hold_linear") and self.total_steps <= self.warmup_steps:
+            raise ValueError(f"{self.kind} schedule needs total_steps > warmup_steps "
+                             f"(got {self.total_steps} <= {self.warmup_steps})")
+
+    def __call__(self, it: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** sum(it >= m for m in self.milestones)
+        if self.kind == "cosine":
+            if it < self.warmup_steps:
+                return (it + 1) / self.warmup_steps
+            f = min(1.0, (it - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return self.end_factor + (1 - self.end_factor) * 0.5 * (1 + math.cos(math.pi * f))
+        # warmup_hold_linear
+        wp = self.warmup_steps
+        if it < wp:
+            return self.wp0 + (1 - self.wp0) * it / wp
+        f = (it - wp) / max(1, self.total_steps - 1 - wp)
+        if f < 0.05:
+            return 1.0
+        return self.wpe + (1 - self.wpe) * (1 - f) / 0.95
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ----------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(np.random.get_state()),
+             "python": _py_state_to_tensor(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_np_state_from_tensors(state["numpy"]))
+    random.setstate(_py_state_from_tensor(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The checkpoint's state file is loaded with weights_only=True: keep RNG states as tensors/plain data.
+def _np_state_to_tensors(st) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = st
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_tensors(d) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _py_state_to_tensor(st) -> dict[str, Any]:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _py_state_from_tensor(d) -> tuple:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+# ------------------------------------------------------------------ sampler
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Seeded shuffle per epoch, sharded by rank, resumable mid-epoch.
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so a resumed
+    run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        if n <= 0:
+            raise ArforgeError("the training dataset is empty")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.start = 0  # samples of this rank's shard already consumed in this epoch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+        if not self.drop_last:
+            order = order + order[: per_rank * self.world_size - self.n]
+        return order[self.rank: per_rank * self.world_size: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.start
+
+
+class InfiniteLoader:
+    """Iterates batches forever over epochs, tracking (epoch, batches done) for resume."""
+
+    def __init__(self, dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, collate_fn: Callable | None = None, shuffle: bool = True):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = ResumableSampler(len(dataset), seed=seed, shuffle=shuffle, rank=rank,
+                                        world_size=world_size)
+        per_epoch = len(self.sampler) // batch_size
+        if per_epoch == 0:
+            raise ArforgeError(
+                f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}"
+                f"{' per rank' if world_size > 1 else ''}; lower the batch size")
+        self.batches_per_epoch = per_epoch
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._it: Iterator | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state(self, st: Mapping[str, int]) -> None:
+        self.epoch, self.batch_in_epoch = int(st["epoch"]), int(st["batch_in_epoch"])
+        self._it = None
+
+    def _open(self) -> None:
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.batch_size)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=self.collate_fn,
+            persistent_workers=False, generator=torch.Generator().manual_seed(self.epoch))
+        self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._open()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._open()
+            batch = next(self._it)
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._it = None
+        return batch
+
+
+# ----------------------------------------------------------------- the loop
+@dataclass
+class TrainLoop:
+    """Checkpointing, exact resume, NaN guard and progress for a step-based trainer.
+
+    ``weights`` maps names to modules whose state dicts go into safetensors;
+    ``optimizers``/``extra`` hold state that goes into the small state file.
+    """
+
+    ctx: Any
+    total_steps: int
+    weights: dict[str, Any]
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # objects with state_dict/load_state_dict
+    loader: InfiniteLoader | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    config: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    _t0: float = 0.0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.ctx.output_dir) / "checkpoints"
+
+    # ------------------------------------------------------------ resume
+    def maybe_resume(self) -> bool:
+        path = ck.latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        loaded = ck.load_checkpoint(path)
+        for name, obj in self.weights.items():
+            if name not in loaded.weights:
+                raise ck.CheckpointError(f"{path} has no '{name}' weights; it was written by another trainer")
+            _unwrap(obj).load_state_dict(loaded.weights[name], strict=True) if isinstance(obj, nn.Module) \
+                else obj.load_state_dict(loaded.weights[name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(loaded.state["optimizers"][name])
+        for name, obj in self.extra.items():
+            if name in loaded.state.get("extra", {}):
+                obj.load_state_dict(loaded.state["extra"][name])
+        if self.loader is not None and "loader" in loaded.state:
+            self.loader.load_state(loaded.state["loader"])
+        set_rng_state(loaded.state["rng"])
+        self.step = loaded.step
+        self.ctx.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        weights = {name: (_unwrap(obj).state_dict() if isinstance(obj, nn.Module) else obj.state_dict())
+                   for name, obj in self.weights.items()}
+        state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                 "extra": {n: o.state_dict() for n, o in self.extra.items()},
+                 "rng": rng_state(), "step": self.step}
+        if self.loader is not None:
+            state["loader"] = self.loader.state()
+        return ck.save_checkpoint(self.checkpoint_dir, self.step, weights, state,
+                                  config=self.config, keep_last=self.keep_last)
+
+    # ------------------------------------------------------------ guard
+    def check_finite(self, loss: torch.Tensor, parts: Mapping[str, Any] | None = None) -> None:
+        if torch.isfinite(loss.detach()).all():
+            return
+        last = ck.latest_checkpoint(self.checkpoint_dir)
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (parts or {}).items())
+        self.ctx.tracker.set_tags({"arforge.stopped": f"non-finite loss at step {self.step}"})
+        raise NonFiniteLossError(
+            f"the loss became {float(loss)} at step {self.step + 1} ({detail}); the run stopped without "
+            f"saving. Last good checkpoint: {last or 'none yet'}. Lower the learning rate or use "
+            "bf16/fp32, then resume with the same command.")
+
+    # ------------------------------------------------------------ progress
+    def progress(self):
+        from tqdm.auto import tqdm
+
+        self._t0 = time.time()
+        return tqdm(total=self.total_steps, initial=self.step, disable=not self.ctx.is_main,
+                    desc=self.ctx.run_name, dynamic_ncols=True, mininterval=1.0)
+
+    def should_save(self) -> bool:
+        return bool(self.save_every) and self.step % self.save_every == 0

@@ -1,0 +1,95 @@
+"""Trainer building blocks: EMA, decay groups, LR schedules, resumable data order, RNG state."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from arforge.trainers import common as tc
+
+
+def test_ema_recurrence_and_buffers():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = tc.EMA(m, decay=0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    m(torch.randn(4, 3))  # changes BN running stats on the live model only
+    ema.update(m)
+    for (name, p_live) in m.named_parameters():
+        expect = 0.9 * before[name] + 0.1 * p_live.detach()
+        assert torch.allclose(ema.state_dict()[name], expect)
+    assert torch.equal(ema.state_dict()["1.running_mean"], before["1.running_mean"])
+    with pytest.raises(ValueError):
+        tc.EMA(m, decay=1.0)
+
+
+def test_param_groups_ndim_and_parity_rule():
+    m = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    g = tc.param_groups(m, weight_decay=0.05)
+    decay = {id(p) for p in g[0]["params"]}
+    assert decay == {id(m[0].weight), id(m[1].weight)}
+    assert g[1]["weight_decay"] == 0.0 and {id(p) for p in g[1]["params"]} == {
+        id(m[1].bias), id(m[2].weight), id(m[2].bias)}
+    named = torch.nn.ModuleDict({"proj": torch.nn.Linear(2, 2), "norm": torch.nn.LayerNorm(2)})
+    g2 = tc.param_groups(named, weight_decay=0.05, rule="name_norm")
+    assert {id(p) for p in g2[0]["params"]} == {id(named["proj"].weight), id(named["proj"].bias)}
+
+
+def test_schedules():
+    assert tc.Schedule()(123) == 1.0
+    s = tc.Schedule(kind="step", milestones=(10, 20))
+    assert [s(9), s(10), s(25)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+    c = tc.Schedule(kind="cosine", total_steps=100, end_factor=1 / 3)
+    assert c(0) == pytest.approx(1.0) and c(100) == pytest.approx(1 / 3)
+    assert c(50) == pytest.approx(1 / 3 + (2 / 3) * 0.5)
+    # Open-MAGVIT2 lr_wd_annealing: wp_it=10, max_it=110
+    w = tc.Schedule(kind="warmup_hold_linear", total_steps=110, warmup_steps=10)
+    assert w(0) == pytest.approx(0.005)
+    assert w(5) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert w(10) == 1.0 and w(14) == 1.0  # f < 0.05 holds the peak
+    assert w(109) == pytest.approx(0.1)  # linear to wpe at the last iteration
+    f = (60 - 10) / (110 - 1 - 10)
+    assert w(60) == pytest.approx(0.1 + 0.9 * (1 - f) / 0.95)
+    with pytest.raises(ValueError, match="unknown LR schedule"):
+        tc.Schedule(kind="poly")
+
+
+def test_resumable_sampler_matches_uninterrupted():
+    full = tc.ResumableSampler(20, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    part = tc.ResumableSampler(20, seed=3)
+    part.set_epoch(2, start=7)
+    assert list(part) == order[7:]
+    a, b = (tc.ResumableSampler(20, seed=3, rank=r, world_size=2) for r in (0, 1))
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert sorted(list(a) + list(b)) == sorted(order) and not set(a) & set(b)
+
+
+def test_infinite_loader_resume_sees_same_batches():
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    ref = tc.InfiniteLoader(data, batch_size=3, seed=1)
+    seq = [next(ref)[0].tolist() for _ in range(7)]  # crosses epoch boundaries (3 batches/epoch)
+    first = tc.InfiniteLoader(data, batch_size=3, seed=1)
+    got = [next(first)[0].tolist() for _ in range(4)]
+    resumed = tc.InfiniteLoader(data, batch_size=3, seed=1)
+    resumed.load_state(first.state())
+    got += [next(resumed)[0].tolist() for _ in range(3)]
+    assert got == seq
+
+
+def test_rng_state_round_trip():
+    st = tc.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    tc.set_rng_state(st)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    assert not math.isnan(b[2])
