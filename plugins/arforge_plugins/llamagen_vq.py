@@ -247,12 +247,14 @@ def llamagen_vq_config(preset: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def llamagen_vq_encoder(*, preset: str | dict[str, Any] = "vq16") -> Encoder:
+    """The LlamaGen VQ encoder of a preset (tokenizers.md §1.3)."""
     cfg = llamagen_vq_config(preset)
     return Encoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["encoder_res_blocks"],
                    z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"])
 
 
 def llamagen_vq_decoder(*, preset: str | dict[str, Any] = "vq16") -> Decoder:
+    """The LlamaGen VQ decoder of a preset (tokenizers.md §1.4)."""
     cfg = llamagen_vq_config(preset)
     return Decoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["decoder_res_blocks"],
                    z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"])

@@ -219,6 +219,7 @@ OPEN_MAGVIT2_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def open_magvit2_config(preset: str | dict[str, Any]) -> dict[str, Any]:
+    """The settings of a named preset (or a dict of settings, validated)."""
     if isinstance(preset, str):
         try:
             cfg = dict(OPEN_MAGVIT2_PRESETS[preset])
@@ -234,10 +235,12 @@ def open_magvit2_config(preset: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def open_magvit2_encoder(*, preset: str | dict[str, Any] = "256") -> Encoder:
+    """The Open-MAGVIT2 encoder of a preset (tokenizers.md §2.3)."""
     return Encoder(**open_magvit2_config(preset))
 
 
 def open_magvit2_decoder(*, preset: str | dict[str, Any] = "256") -> Decoder:
+    """The Open-MAGVIT2 decoder of a preset (tokenizers.md §2.4)."""
     return Decoder(**open_magvit2_config(preset))
 
 

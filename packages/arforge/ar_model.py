@@ -1,0 +1,333 @@
+"""The class-conditional AR model: class embedder + token embedder + Llama backbone + head.
+
+``shared/specs/ar_models.md`` §4–§9. One class serves LlamaGen/IAR (identity
+factorization, linear head), Open-MAGVIT2 (bit split, next-sub-token head) and
+IAR2 (semantic/detail pairs, local-context head); the parts are plugins (the
+factorization builds the token embedder, the head owns everything after the
+backbone).
+
+Token convention: sub-tokens ``(B, L, K)`` int64, the output of a
+:class:`~arforge.interfaces.Factorization` (``model.factorization.split(ids)``).
+
+Training
+--------
+``forward(sub_tokens, labels) -> ARForwardOutput``
+    Teacher forcing. The input sequence is [cls(y), e_0 … e_{L-2}] (the model
+    shifts internally), labels are dropped to the null class with p = 0.1 in
+    train mode (§4); ``logits`` is a list of K fp32 tensors (B, L, V_k) where
+    position t predicts token t (sub-token heads are teacher-forced on the
+    earlier sub-tokens of the same position, §5.2, §5.3).
+``loss(sub_tokens, labels, weights=None) -> LossBreakdown``
+    Σ_k w_k·CE_k (§6), plus λ·CE(cluster) when the model was built with
+    ``cluster_size`` (IAR). Parts hold the unweighted terms.
+
+Generation (what the samplers build on)
+---------------------------------------
+``setup_caches(*, batch, cfg, dtype=None, device=None)``
+    Allocates every cache once: the backbone KV caches at (Bc, H_kv, S_max, hd)
+    with Bc = 2·batch when ``cfg`` else batch and S_max = find_multiple(1 + L, 8)
+    (§8), plus each head's own caches (sized to its number of slots) and IAR2's
+    window history. Calling it again with the same sizes keeps the buffers.
+``decode_step(n, prev, labels, choose, *, record_cls_attention=False) -> (B, K)``
+    Decodes position n (0 … L-1), feeding positions in order from 0.
+    ``labels`` (Bc,) are [y; null] with CFG (``guided_labels``), else y.
+    ``prev`` (B, K) holds token n-1 (``None`` at n = 0, where the input is the
+    class embedding). For each sub-token k the head calls
+    ``choose(k, logits, info) -> (B,) int64`` with ``logits`` (Bc, V_k) fp32 in
+    the [cond; uncond] layout (§9.2) and ``info`` a :class:`DecodeInfo` (n, L and,
+    with ``record_cls_attention``, ``attn_cls`` (B,): the last backbone layer's
+    head-averaged attention to the class token from the conditional half,
+    §9.5). The model duplicates the chosen tokens for both halves. Nothing is
+    allocated in the caches per step. Call it in eval mode, under no_grad.
+``logits_full(sub_tokens, labels)``
+    The no-cache reference: the teacher-forced logits without label dropout.
+``num_params()``
+    Parameters, each shared tensor counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arforge.interfaces import Factorization, LossBreakdown
+from arforge.nn.llama import LabelEmbedder, LlamaBackbone, init_llama_weights
+
+__all__ = [
+    "ARForwardOutput",
+    "DecodeInfo",
+    "ChooseFn",
+    "TokenEmbedder",
+    "ARHead",
+    "ARModel",
+    "subtoken_loss",
+    "cluster_cross_entropy",
+]
+
+
+class ARForwardOutput(NamedTuple):
+    logits: list[torch.Tensor]  #: K tensors (B, L, V_k), fp32
+    hidden: torch.Tensor  #: backbone output (B, L, D)
+
+
+@dataclass(frozen=True)
+class DecodeInfo:
+    """What ``choose`` learns about the position being decoded."""
+
+    n: int  #: token index being decoded, 0 … L-1
+    L: int  #: tokens per image
+    attn_cls: torch.Tensor | None = None  #: (B,) attention to the class key (cond half), when recorded
+
+
+#: choose(k, logits (Bc, V_k) fp32, info) -> chosen sub-token k, (B,) int64
+ChooseFn = Callable[[int, torch.Tensor, DecodeInfo], torch.Tensor]
+
+
+@runtime_checkable
+class TokenEmbedder(Protocol):
+    """Built by a factorization: sub-tokens (B, T, K) -> input embeddings (B, T, D)."""
+
+    def forward(self, sub_tokens: torch.Tensor) -> torch.Tensor: ...
+    def sub_embedding(self, k: int) -> nn.Embedding: ...
+
+
+@runtime_checkable
+class ARHead(Protocol):
+    """Everything after the backbone: teacher-forced logits and per-position sampling sub-steps."""
+
+    vocab_sizes: tuple[int, ...]
+    dim: int
+    #: which of the embedder's sub-token tables the head reuses (one tensor), or None
+    tied_subtoken: int | None
+
+    def tie_embedding(self, embedding: nn.Embedding) -> None: ...
+    def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor) -> list[torch.Tensor]: ...
+    def setup_cache(self, *, batch: int, dtype: torch.dtype, device: torch.device | str) -> bool: ...
+    def cache_tensors(self) -> dict[str, torch.Tensor]: ...
+    def decode_position(self, h: torch.Tensor, n: int,
+                        choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+    def zero_init_outputs(self) -> None: ...
+
+
+# ====================================================================== losses
+def cluster_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, *, cluster_size: int) -> torch.Tensor:
+    """IAR's cluster-oriented CE (§6): CE(logsumexp over each cluster, t // cluster_size).
+
+    Equals the mean of −log Σ_{k ∈ cluster(t)} p_k. logits (..., V), tokens (...).
+    """
+    v = logits.shape[-1]
+    if v % cluster_size:
+        raise ValueError(f"vocabulary {v} is not a whole number of clusters of {cluster_size}")
+    lc = logits.float().reshape(-1, v // cluster_size, cluster_size).logsumexp(-1)  # (N, V/cs)
+    return F.cross_entropy(lc, tokens.reshape(-1) // cluster_size)
+
+
+def subtoken_loss(logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor, *,
+                  weights: Sequence[float] | None = None, names: Sequence[str] | None = None,
+                  cluster_size: int | None = None, cluster_weight: float = 1.0) -> LossBreakdown:
+    """Σ_k w_k·CE(logits_k, sub_tokens[..., k]) (+ cluster_weight·cluster CE on sub-token 0).
+
+    Each CE is a mean over tokens (§6). ``parts`` are the unweighted terms, named
+    ``ce_<name>`` (and ``cce``).
+    """
+    k_count = len(logits)
+    weights = [1.0] * k_count if weights is None else list(weights)
+    names = [str(k) for k in range(k_count)] if names is None else list(names)
+    if len(weights) != k_count or len(names) != k_count:
+        raise ValueError(f"{k_count} sub-tokens but {len(weights)} loss weights / {len(names)} names")
+    parts: dict[str, torch.Tensor] = {}
+    total = logits[0].new_zeros(())
+    for k, (lg, w, name) in enumerate(zip(logits, weights, names)):
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), sub_tokens[..., k].reshape(-1))  # over B·L
+        parts[f"ce_{name}"] = ce
+        total = total + w * ce
+    if cluster_size is not None:
+        cce = cluster_cross_entropy(logits[0], sub_tokens[..., 0], cluster_size=cluster_size)
+        parts["cce"] = cce
+        total = total + cluster_weight * cce
+    return LossBreakdown(total=total, parts=parts)
+
+
+# ======================================================================= model
+@dataclass(frozen=True)
+class _DecodeState:
+    batch: int
+    cfg: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def batch_c(self) -> int:
+        return 2 * self.batch if self.cfg else self.batch
+
+
+class ARModel(nn.Module):
+    """A class-conditional AR model over sub-tokens (see the module docstring for the API)."""
+
+    def __init__(self, *, factorization: Factorization, backbone: LlamaBackbone, head: nn.Module,
+                 num_classes: int = 1000, class_dropout_p: float = 0.1,
+                 loss_weights: Sequence[float] | None = None, cluster_size: int | None = None,
+                 cluster_loss_weight: float = 1.0, init_weights: bool = True):
+        """
+        Args:
+            factorization: tokenizer ids <-> sub-tokens, and the input token embedder
+                (``build_embedder``); its ``vocab_sizes`` must equal the head's.
+            backbone: the decoder stack (§1, §2); its width must equal the head's.
+            head: the output head plugin (§5).
+            num_classes: classes of the label embedder (§4: 1000, plus the null row).
+            class_dropout_p: label dropout to the null class in training (§4: 0.1).
+            loss_weights: per-sub-token CE weights (§6; IAR2's ``--w1`` is the first).
+            cluster_size: IAR cluster-oriented loss on sub-token 0 (§6: 128), or None.
+            cluster_loss_weight: its λ (§6: ``--lambda-cce`` = 1).
+            init_weights: apply §1.5 initialisation (N(0, 0.02), zero output layers).
+        """
+        super().__init__()
+        vocab = tuple(factorization.vocab_sizes)
+        if tuple(head.vocab_sizes) != vocab:
+            raise ValueError(f"head vocabularies {tuple(head.vocab_sizes)} differ from the factorization's {vocab}")
+        if head.dim != backbone.dim:
+            raise ValueError(f"head width {head.dim} differs from the backbone width {backbone.dim}")
+        grid = getattr(head, "grid_size", None)
+        if grid is not None and grid * grid != backbone.block_size:
+            raise ValueError(f"head grid {grid}x{grid} does not match the backbone's block_size {backbone.block_size}")
+        self.factorization = factorization
+        self.vocab_sizes = vocab
+        self.num_subtokens = len(vocab)
+        self.subtoken_names = tuple(getattr(factorization, "subtoken_names", [str(k) for k in range(len(vocab))]))
+        self.cls_embedding = LabelEmbedder(num_classes=num_classes, dim=backbone.dim, dropout_p=class_dropout_p)
+        self.embedder = factorization.build_embedder(dim=backbone.dim)
+        self.backbone = backbone
+        self.head = head
+        if head.tied_subtoken is not None:  # one tensor shared with the input embedding (checkpoints.md §1.4.5)
+            head.tie_embedding(self.embedder.sub_embedding(head.tied_subtoken))
+        self.loss_weights = tuple(loss_weights) if loss_weights is not None else (1.0,) * len(vocab)
+        if len(self.loss_weights) != len(vocab):
+            raise ValueError(f"{len(self.loss_weights)} loss weights for {len(vocab)} sub-tokens")
+        self.cluster_size = cluster_size
+        self.cluster_loss_weight = cluster_loss_weight
+        self._decode: _DecodeState | None = None
+        if init_weights:
+            self.initialize_weights()
+
+    # ------------------------------------------------------------------ basics
+    def initialize_weights(self) -> None:
+        """§1.5: every Linear/Embedding ~ N(0, 0.02), biases 0, norms 1, the output layers zero."""
+        init_llama_weights(self)
+        self.head.zero_init_outputs()
+
+    @property
+    def block_size(self) -> int:
+        return self.backbone.block_size
+
+    @property
+    def null_class(self) -> int:
+        return self.cls_embedding.null_class
+
+    def guided_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (2B,) = [y; null] (§9.2)."""
+        return torch.cat([labels, torch.full_like(labels, self.null_class)])
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
+        """Switch a RoPE quirk (§2.4, §2.5) in the backbone and the head alike."""
+        self.backbone.configure_rope(cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
+        if hasattr(self.head, "configure_rope"):
+            self.head.configure_rope(cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
+
+    def _check_tokens(self, sub_tokens: torch.Tensor) -> None:
+        if sub_tokens.dim() != 3 or sub_tokens.shape[-1] != self.num_subtokens:
+            raise ValueError(f"sub_tokens must be (B, L, {self.num_subtokens}) int64 (after "
+                             f"factorization.split), got {tuple(sub_tokens.shape)}")
+        if sub_tokens.shape[1] > self.block_size:
+            raise ValueError(f"{sub_tokens.shape[1]} tokens exceed block_size {self.block_size}")
+
+    # ---------------------------------------------------------------- training
+    def forward(self, sub_tokens: torch.Tensor, labels: torch.Tensor, *,
+                force_drop_ids: torch.Tensor | None = None) -> ARForwardOutput:
+        """Teacher-forced logits; sub_tokens (B, L, K) int64, labels (B,) int64."""
+        return self._teacher_forced(sub_tokens, labels, drop_labels=self.training, force_drop_ids=force_drop_ids)
+
+    def _teacher_forced(self, sub_tokens, labels, *, drop_labels: bool, force_drop_ids=None) -> ARForwardOutput:
+        self._check_tokens(sub_tokens)
+        cls = self.cls_embedding(labels, train=drop_labels, force_drop_ids=force_drop_ids)  # (B, 1, D)
+        tok = self.embedder(sub_tokens[:, :-1])  # (B, L-1, D)
+        h = self.backbone(torch.cat([cls, tok], dim=1))  # (B, L, D)
+        return ARForwardOutput(logits=self.head(h, sub_tokens), hidden=h)
+
+    def loss(self, sub_tokens: torch.Tensor, labels: torch.Tensor,
+             weights: Sequence[float] | None = None) -> LossBreakdown:
+        """Σ_k w_k·CE_k (+ λ·cluster CE); ``weights`` overrides the model's ``loss_weights``."""
+        out = self(sub_tokens, labels)
+        return subtoken_loss(out.logits, sub_tokens, weights=weights if weights is not None else self.loss_weights,
+                             names=self.subtoken_names, cluster_size=self.cluster_size,
+                             cluster_weight=self.cluster_loss_weight)
+
+    @torch.no_grad()
+    def logits_full(self, sub_tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        """The no-cache reference: teacher-forced logits, no label dropout (use eval mode)."""
+        return self._teacher_forced(sub_tokens, labels, drop_labels=False).logits
+
+    # -------------------------------------------------------------- generation
+    @torch.no_grad()
+    def setup_caches(self, *, batch: int, cfg: bool, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate every decoding cache once for ``batch`` images (doubled when ``cfg``)."""
+        ref = next(self.parameters())
+        dtype = dtype if dtype is not None else ref.dtype
+        device = torch.empty(0, device=device if device is not None else ref.device).device
+        state = _DecodeState(batch=batch, cfg=bool(cfg), dtype=dtype, device=device)
+        self.backbone.setup_cache(max_batch=state.batch_c, dtype=dtype, device=device)
+        self.head.setup_cache(batch=state.batch_c, dtype=dtype, device=device)
+        self._decode = state
+
+    def release_caches(self) -> None:
+        self.backbone.release_cache()
+        if hasattr(self.head, "release_cache"):
+            self.head.release_cache()
+        self._decode = None
+
+    def cache_tensors(self) -> dict[str, torch.Tensor]:
+        """Every decoding buffer by name (to check that nothing is reallocated)."""
+        out = {f"backbone.{k}": v for k, v in self.backbone.cache_tensors().items()}
+        out.update({f"head.{k}": v for k, v in self.head.cache_tensors().items()})
+        return out
+
+    @torch.no_grad()
+    def decode_step(self, n: int, prev: torch.Tensor | None, labels: torch.Tensor, choose: ChooseFn, *,
+                    record_cls_attention: bool = False) -> torch.Tensor:
+        """Decode position n; returns its sub-tokens (B, K) (see the module docstring)."""
+        state = self._decode
+        if state is None:
+            raise RuntimeError("decode_step needs caches: call setup_caches(batch=..., cfg=..., ...) first")
+        if labels.shape != (state.batch_c,):
+            raise ValueError(f"labels must be ({state.batch_c},) for batch {state.batch} with cfg={state.cfg} "
+                             f"([cond; null] when guided), got {tuple(labels.shape)}")
+        L = self.block_size
+        if not 0 <= n < L:
+            raise ValueError(f"position {n} is outside 0 … {L - 1}")
+        b = state.batch
+        if n == 0:
+            x = self.cls_embedding(labels, train=False)  # (Bc, 1, D)
+        else:
+            if prev is None or prev.shape != (b, self.num_subtokens):
+                raise ValueError(f"prev must be the (B, K) = ({b}, {self.num_subtokens}) sub-tokens of position "
+                                 f"{n - 1}, got {None if prev is None else tuple(prev.shape)}")
+            e = self.embedder(prev[:, None, :])  # (B, 1, D)
+            x = torch.cat([e, e]) if state.cfg else e  # (Bc, 1, D): both halves see the same image tokens
+        step = self.backbone.step(x.to(state.dtype), n, return_cls_attn=record_cls_attention)
+        attn = step.attn_cls[:b] if step.attn_cls is not None else None  # conditional half
+        info = DecodeInfo(n=n, L=L, attn_cls=attn)
+
+        def head_choose(k: int, logits: torch.Tensor) -> torch.Tensor:
+            tok = choose(k, logits, info)
+            if tok.shape != (b,):
+                raise ValueError(f"choose must return ({b},) sub-tokens, got {tuple(tok.shape)}")
+            return torch.cat([tok, tok]) if state.cfg else tok  # (Bc,)
+
+        return self.head.decode_position(step.hidden, n, head_choose)[:b]  # (B, K)

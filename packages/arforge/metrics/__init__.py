@@ -1,0 +1,1 @@
+"""Metric math (ADM semantics) independent of the feature network."""

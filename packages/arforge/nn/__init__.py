@@ -1,0 +1,37 @@
+"""Framework building blocks shared by every AR family (``shared/specs/ar_models.md`` §1, §2, §4, §8)."""
+
+from arforge.nn.llama import (
+    Attention,
+    BackboneStep,
+    FeedForward,
+    KVCache,
+    LabelEmbedder,
+    LlamaBackbone,
+    RMSNorm,
+    TransformerBlock,
+    apply_rotary_emb,
+    canonical_device,
+    ffn_hidden_size,
+    find_multiple,
+    init_llama_weights,
+    precompute_freqs_cis_2d,
+    subtoken_freqs_cis,
+)
+
+__all__ = [
+    "Attention",
+    "BackboneStep",
+    "FeedForward",
+    "KVCache",
+    "LabelEmbedder",
+    "LlamaBackbone",
+    "RMSNorm",
+    "TransformerBlock",
+    "apply_rotary_emb",
+    "canonical_device",
+    "ffn_hidden_size",
+    "find_multiple",
+    "init_llama_weights",
+    "precompute_freqs_cis_2d",
+    "subtoken_freqs_cis",
+]

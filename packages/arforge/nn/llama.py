@@ -1,0 +1,505 @@
+"""Llama-style building blocks shared by every arforge AR family.
+
+LlamaGen, IAR, Open-MAGVIT2 and IAR2 all use LlamaGen's block code
+(``shared/specs/ar_models.md`` §1): pre-norm blocks of fused-``wqkv`` attention
+with 2D RoPE and a SwiGLU FFN. This module holds those blocks, the 2D rotary
+table with its two upstream quirks (§2.4 zero class rotation, §2.5 IAR2's
+``repeat_interleave``), the static KV cache (§8), the class embedder with label
+dropout (§4) and :class:`LlamaBackbone`, the decoder stack with a training
+``forward`` (causal SDPA) and a cached ``step`` for decoding.
+
+Attribute names follow upstream (``attention.wqkv``, ``feed_forward.w1`` ...)
+so that the official checkpoints map onto them by renaming prefixes only
+(``checkpoints.md`` §3, §5, §7).
+
+Shapes: B batch, T sequence length, D width, H heads, H_kv key/value heads,
+hd = D/H head dimension, S_max cache length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "find_multiple",
+    "ffn_hidden_size",
+    "RMSNorm",
+    "FeedForward",
+    "KVCache",
+    "canonical_device",
+    "Attention",
+    "TransformerBlock",
+    "precompute_freqs_cis_2d",
+    "subtoken_freqs_cis",
+    "apply_rotary_emb",
+    "LabelEmbedder",
+    "BackboneStep",
+    "LlamaBackbone",
+    "init_llama_weights",
+]
+
+
+def find_multiple(n: int, k: int) -> int:
+    """The smallest multiple of ``k`` that is >= ``n`` (``ar_models.md`` §1.4)."""
+    if n % k == 0:
+        return n
+    return n + k - (n % k)
+
+
+def ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
+    """SwiGLU hidden size ``find_multiple(int(2*4D/3), 256)`` (§1.4; note the truncating int())."""
+    return find_multiple(int(2 * (4 * dim) / 3), multiple_of)
+
+
+# ======================================================================= norm
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the gain (``ar_models.md`` §1.1)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps  #: §1.1: 1e-5 in every family
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+# ======================================================================== ffn
+class FeedForward(nn.Module):
+    """SwiGLU FFN ``w2(silu(w1 x) * w3 x)`` without biases, dropout after ``w2`` (§1.4)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int | None = None, dropout_p: float = 0.1):
+        super().__init__()
+        hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim)  # §1.4 rule
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout_p)  #: §1.5: 0.1 in every family
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+# ====================================================================== rope
+def precompute_freqs_cis_2d(*, grid_size: int, head_dim: int, base: float = 10000.0,
+                            cls_token_num: int = 1, cls_zero_rotation: bool = True,
+                            repeat_interleave: bool = False) -> torch.Tensor:
+    """The 2D rotary table (``ar_models.md`` §2.1), shape (cls_token_num + g*g, hd/2, 2).
+
+    Row ``cls_token_num + p`` holds (cos, sin) of cell p = r*g + c: the first hd/4
+    pairs rotate by r·ω_k and the last hd/4 by c·ω_k, ω_k = base^(-2k/(hd/2)).
+
+    ``cls_zero_rotation`` (§2.4, upstream default): the class rows are (0, 0), so the
+    class token's q and k are zero vectors; ``False`` gives them the identity (1, 0).
+    ``repeat_interleave`` (§2.5, IAR2 checkpoints): the grid rows are repeated twice
+    so that row cls + p holds cell ⌊p/2⌋ (token t rotates by cell ⌊t/2⌋). Upstream's
+    table then has 2·g² grid rows of which only the first g² are ever used; this
+    table keeps those g², so every variant has the same shape.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4 (got {head_dim})")
+    half = head_dim // 2
+    # exactly upstream's fp32 arithmetic, so the official weights see the same angles
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (hd/4,)
+    t = torch.arange(grid_size, device=freqs.device).float()
+    freqs = torch.outer(t, freqs)  # (g, hd/4)
+    freqs_grid = torch.cat([
+        freqs[:, None, :].expand(-1, grid_size, -1),  # row index in the first half
+        freqs[None, :, :].expand(grid_size, -1, -1),  # column index in the second half
+    ], dim=-1)  # (g, g, hd/2)
+    cache = torch.stack([torch.cos(freqs_grid), torch.sin(freqs_grid)], dim=-1)  # (g, g, hd/2, 2)
+    cache = cache.flatten(0, 1)  # (g*g, hd/2, 2), row-major cells
+    if repeat_interleave:
+        cache = cache.repeat_interleave(2, dim=0)[: grid_size * grid_size]  # (g*g, hd/2, 2): row p -> cell p//2
+    cls = torch.zeros(cls_token_num, half, 2, device=freqs.device)
+    if not cls_zero_rotation:
+        cls[..., 0] = 1.0  # identity rotation: the class token's q/k pass unrotated
+    return torch.cat([cls, cache])  # (cls + g*g, hd/2, 2)
+
+
+def subtoken_freqs_cis(*, n_slots: int, head_dim: int, base: float = 10000.0, cls_zero_rotation: bool = True,
+                       repeat_interleave: bool = False) -> torch.Tensor:
+    """Rows 0 … n_slots-1 of the 2D table, as used inside the sub-token heads (§2.6).
+
+    Open-MAGVIT2's intra transformer uses rows 0–1 (zero, identity); IAR2's head
+    rows 0–2 under ``repeat_interleave`` (zero, identity, identity). Without the
+    IAR2 quirk row 2 would be cell 1 = (0, 1), a column rotation.
+    """
+    table = precompute_freqs_cis_2d(grid_size=max(n_slots, 2), head_dim=head_dim, base=base, cls_token_num=1,
+                                    cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
+    return table[:n_slots].clone()  # (n_slots, hd/2, 2)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs (2j, 2j+1) (§2.2, gpt-fast/Meta interleaved convention).
+
+    x: (B, T, H, hd); freqs_cis: (T, hd/2, 2). Computed in fp32 and cast back to
+    x's dtype (LlamaGen/IAR2; Open-MAGVIT2 keeps fp32, identical in fp32 runs).
+    """
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)  # (1, T, 1, hd/2, 2)
+    out = torch.stack([
+        xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+        xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1],
+    ], dim=-1)  # (B, T, H, hd/2, 2)
+    return out.flatten(3).type_as(x)  # (B, T, H, hd)
+
+
+# ================================================================= kv cache
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``"cuda"`` -> ``cuda:0`` etc., so cache reuse compares like with like."""
+    return torch.empty(0, device=device).device
+
+
+class KVCache(nn.Module):
+    """A static per-layer key/value cache (``ar_models.md`` §8).
+
+    Allocated once at (B_max, H_kv, S_max, hd) and kept out of the persistent
+    state (non-persistent buffers, so they move with ``.to()`` but never reach a
+    state dict). Decoding writes positions in order and attends only over the
+    filled prefix [0, pos + T): upstream attends over all S_max slots under a mask,
+    which §8 measured to cost ~25 ms per IAR2 step.
+    """
+
+    def __init__(self, *, max_batch: int, n_kv_head: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (max_batch, n_kv_head, max_seq_len, head_dim)  # (B_max, H_kv, S_max, hd)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_batch(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def matches(self, *, max_batch: int, max_seq_len: int, dtype: torch.dtype,
+                device: torch.device | str) -> bool:
+        return (self.k_cache.shape[0] == max_batch and self.k_cache.shape[2] == max_seq_len
+                and self.k_cache.dtype == dtype and self.k_cache.device == canonical_device(device))
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, hd) at [start, start + T); return the filled prefix views."""
+        b, _, t, _ = k.shape
+        end = start + t
+        if end > self.max_seq_len or b > self.max_batch:
+            raise ValueError(f"KV cache of batch {self.max_batch} and length {self.max_seq_len} cannot hold "
+                             f"batch {b} at positions [{start}, {end}); call setup_caches with larger sizes")
+        self.k_cache[:b, :, start:end].copy_(k)
+        self.v_cache[:b, :, start:end].copy_(v)
+        return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]  # (B, H_kv, end, hd) each
+
+
+# ================================================================ attention
+class Attention(nn.Module):
+    """Fused-``wqkv`` attention with 2D RoPE (``ar_models.md`` §1.3).
+
+    ``wqkv`` output features split as [q (H·hd); k (H_kv·hd); v (H_kv·hd)], head h at
+    features [h·hd, (h+1)·hd). Plain MHA in every released model (H_kv = H); the
+    cache and split honour H_kv anyway (pitfall D8).
+    """
+
+    def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None,
+                 attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1):
+        super().__init__()
+        if dim % n_head:
+            raise ValueError(f"width {dim} is not divisible by {n_head} heads")
+        self.dim = dim
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head if n_kv_head is not None else n_head
+        if n_head % self.n_kv_head:
+            raise ValueError(f"{n_head} heads are not a multiple of {self.n_kv_head} key/value heads")
+        self.head_dim = dim // n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(dim, dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.attn_dropout_p = attn_dropout_p  #: §1.5: 0 in every family
+        self.resid_dropout = nn.Dropout(resid_dropout_p)  #: §1.5: 0.1 in every family
+        self.kv_cache: KVCache | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _qkv(self, x: torch.Tensor, freqs_cis: torch.Tensor):
+        b, t, _ = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = k.view(b, t, self.n_kv_head, self.head_dim)  # (B, T, H_kv, hd)
+        v = v.view(b, t, self.n_kv_head, self.head_dim)  # (B, T, H_kv, hd)
+        q = apply_rotary_emb(q, freqs_cis)
+        k = apply_rotary_emb(k, freqs_cis)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|H_kv, T, hd)
+
+    def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rep = self.n_head // self.n_kv_head
+        if rep == 1:
+            return k, v
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = y.shape
+        y = y.transpose(1, 2).reshape(b, t, self.dim)  # (B, H, T, hd) -> (B, T, D)
+        return self.resid_dropout(self.wo(y))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over the whole sequence x (B, T, D); freqs_cis (T, hd/2, 2)."""
+        q, k, v = self._qkv(x, freqs_cis)
+        k, v = self._expand_kv(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self._out(y)
+
+    def setup_cache(self, *, max_batch: int, max_seq_len: int, dtype: torch.dtype,
+                    device: torch.device | str) -> bool:
+        """Allocate the cache unless one of exactly these sizes exists; True if allocated."""
+        device = canonical_device(device)
+        if self.kv_cache is not None and self.kv_cache.matches(max_batch=max_batch, max_seq_len=max_seq_len,
+                                                               dtype=dtype, device=device):
+            return False
+        self.kv_cache = KVCache(max_batch=max_batch, n_kv_head=self.n_kv_head, max_seq_len=max_seq_len,
+                                head_dim=self.head_dim, dtype=dtype, device=device)
+        return True
+
+    def step(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int, *,
+             return_cls_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached attention for x (B, T, D) at positions [start_pos, start_pos + T).
+
+        Keys/values go into the static cache; the queries attend over the filled
+        prefix only (causal among the T new positions). With ``return_cls_attn`` it
+        also returns the attention probability of the last query to key 0 (the
+        class token), averaged over heads: (B,) fp32 (§9.5).
+        """
+        if self.kv_cache is None:
+            raise RuntimeError("no KV cache: call setup_caches(...) before decoding")
+        q, k, v = self._qkv(x, freqs_cis)
+        cache = self.kv_cache
+        keys, values = cache.update(start_pos, k.to(cache.k_cache.dtype), v.to(cache.v_cache.dtype))
+        keys, values = self._expand_kv(keys.to(q.dtype), values.to(q.dtype))
+        t = q.shape[2]
+        if t == 1:  # one query sees the whole filled prefix: no mask at all
+            y = F.scaled_dot_product_attention(q, keys, values)
+        elif start_pos == 0:  # a square causal block
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            s = start_pos + t
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)  # (T, S)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        attn_cls = None
+        if return_cls_attn:
+            scores = (q[:, :, -1:].float() @ keys.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, 1, S)
+            attn_cls = scores.softmax(dim=-1)[:, :, 0, 0].mean(dim=1)  # (B,)
+        return self._out(y), attn_cls
+
+
+# ==================================================================== block
+class TransformerBlock(nn.Module):
+    """Pre-norm block h = x + Attn(norm(x)); out = h + FFN(norm(h)) (§1.2; drop-path 0)."""
+
+    def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None, ffn_hidden: int | None = None,
+                 norm_eps: float = 1e-5, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1,
+                 ffn_dropout_p: float = 0.1):
+        super().__init__()
+        self.attention = Attention(dim=dim, n_head=n_head, n_kv_head=n_kv_head,
+                                   attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p)
+        self.feed_forward = FeedForward(dim=dim, hidden_dim=ffn_hidden, dropout_p=ffn_dropout_p)
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def step(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int, *,
+             return_cls_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, attn_cls = self.attention.step(self.attention_norm(x), freqs_cis, start_pos,
+                                          return_cls_attn=return_cls_attn)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), attn_cls
+
+
+# ============================================================ class embedder
+class LabelEmbedder(nn.Module):
+    """Class embeddings with label dropout for CFG (``ar_models.md`` §4).
+
+    ``embedding_table`` has ``num_classes + 1`` rows; row ``num_classes`` is the
+    null class. arforge always builds it (upstream only when dropout > 0).
+    """
+
+    def __init__(self, *, num_classes: int = 1000, dim: int, dropout_p: float = 0.1):
+        super().__init__()
+        self.num_classes = num_classes  #: §4: 1000 ImageNet classes
+        self.dropout_p = dropout_p  #: §4/§1.5: labels replaced by the null class w.p. 0.1 in training
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_p
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, *, train: bool,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """labels (B,) or (B, 1) int64 -> (B, 1, D)."""
+        if labels.dim() == 2:
+            labels = labels.squeeze(1)  # Open-MAGVIT2 passes (B, 1)
+        if (train and self.dropout_p > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels).unsqueeze(1)  # (B, 1, D)
+
+
+# ================================================================= backbone
+class BackboneStep(NamedTuple):
+    hidden: torch.Tensor  #: (B, T, D)
+    attn_cls: torch.Tensor | None  #: (B,) last layer's head-averaged attention to key 0, when asked
+
+
+class LlamaBackbone(nn.Module):
+    """The Llama-style decoder stack over input embeddings (``ar_models.md`` §1, §2, §8).
+
+    Input: [cls, e_0 … e_{L-2}] as embeddings (B, T, D), built by the caller.
+    Token dropout (class slot included, §1.5) → ``layers`` → optional ``norm``.
+    The final norm exists only for new combinations: the released families put
+    it in the head (LlamaGen ``norm``, Open-MAGVIT2's shared ``norm``) or have
+    none (IAR2, §5.3).
+    """
+
+    def __init__(self, *, dim: int, n_layer: int, n_head: int, n_kv_head: int | None = None,
+                 block_size: int, cls_token_num: int = 1, ffn_hidden: int | None = None,
+                 norm_eps: float = 1e-5, token_dropout_p: float = 0.1, attn_dropout_p: float = 0.0,
+                 resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, rope_base: float = 10000.0,
+                 cls_zero_rotation: bool = True, rope_repeat_interleave: bool = False,
+                 final_norm: bool = False):
+        super().__init__()
+        grid = int(round(block_size ** 0.5))
+        if grid * grid != block_size:
+            raise ValueError(f"block_size {block_size} is not a square grid of tokens (2D RoPE, §2.1)")
+        self.dim = dim
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head if n_kv_head is not None else n_head
+        self.head_dim = dim // n_head
+        self.block_size = block_size  #: L = g*g tokens (§3: 256 at 256 px, 576 at 384 px)
+        self.grid_size = grid
+        self.cls_token_num = cls_token_num  #: 1 in every family here
+        self.rope_base = rope_base
+        self.cls_zero_rotation = cls_zero_rotation  #: §2.4 quirk, upstream default on
+        self.rope_repeat_interleave = rope_repeat_interleave  #: §2.5 IAR2 quirk
+        self.tok_dropout = nn.Dropout(token_dropout_p)  #: §1.5: 0.1
+        self.layers = nn.ModuleList([
+            TransformerBlock(dim=dim, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=ffn_hidden,
+                             norm_eps=norm_eps, attn_dropout_p=attn_dropout_p,
+                             resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p)
+            for _ in range(n_layer)
+        ])
+        self.norm = RMSNorm(dim, eps=norm_eps) if final_norm else None
+        self.register_buffer("freqs_cis", self._table(), persistent=False)
+
+    def _table(self) -> torch.Tensor:
+        return precompute_freqs_cis_2d(grid_size=self.grid_size, head_dim=self.head_dim, base=self.rope_base,
+                                       cls_token_num=self.cls_token_num, cls_zero_rotation=self.cls_zero_rotation,
+                                       repeat_interleave=self.rope_repeat_interleave)
+
+    def configure_rope(self, *, cls_zero_rotation: bool | None = None,
+                       repeat_interleave: bool | None = None) -> None:
+        """Switch a RoPE quirk and rebuild the (non-persistent) table in place."""
+        if cls_zero_rotation is not None:
+            self.cls_zero_rotation = cls_zero_rotation
+        if repeat_interleave is not None:
+            self.rope_repeat_interleave = repeat_interleave
+        self.freqs_cis = self._table().to(self.freqs_cis.device)
+
+    @property
+    def max_seq_len(self) -> int:
+        """S_max = find_multiple(cls + L, 8) (§8: 257 -> 264, 577 -> 584)."""
+        return find_multiple(self.cls_token_num + self.block_size, 8)
+
+    # ---------------------------------------------------------------- training
+    def forward(self, x_emb: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x_emb (B, T, D) -> (B, T, D) under a causal mask.
+
+        ``input_pos`` (T,) picks the RoPE rows (default 0 … T-1, §2.3).
+        """
+        t = x_emb.shape[1]
+        if t > self.freqs_cis.shape[0]:
+            raise ValueError(f"sequence of {t} positions exceeds the RoPE table "
+                             f"({self.freqs_cis.shape[0]} = cls + block_size {self.block_size})")
+        freqs = self.freqs_cis[:t] if input_pos is None else self.freqs_cis[input_pos]  # (T, hd/2, 2)
+        h = self.tok_dropout(x_emb)
+        for layer in self.layers:
+            h = layer(h, freqs)
+        return self.norm(h) if self.norm is not None else h
+
+    # ---------------------------------------------------------------- decoding
+    def setup_cache(self, *, max_batch: int, dtype: torch.dtype, device: torch.device | str,
+                    max_seq_len: int | None = None) -> bool:
+        """Allocate every layer's KV cache once (reused when sizes match); True if any was allocated."""
+        s_max = max_seq_len if max_seq_len is not None else self.max_seq_len
+        allocated = False
+        for layer in self.layers:
+            allocated |= layer.attention.setup_cache(max_batch=max_batch, max_seq_len=s_max,
+                                                     dtype=dtype, device=device)
+        return allocated
+
+    def release_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def cache_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, layer in enumerate(self.layers):
+            c = layer.attention.kv_cache
+            if c is not None:
+                out[f"layers.{i}.k_cache"] = c.k_cache
+                out[f"layers.{i}.v_cache"] = c.v_cache
+        return out
+
+    def step(self, x_emb: torch.Tensor, pos: int, *, return_cls_attn: bool = False) -> BackboneStep:
+        """Cached decoding of x_emb (B, T, D) at positions [pos, pos + T) (T = 1 when decoding).
+
+        Positions must be fed in order from 0 (the class slot): each step attends
+        over the cache prefix [0, pos + T).
+        """
+        t = x_emb.shape[1]
+        freqs = self.freqs_cis[pos:pos + t]  # (T, hd/2, 2)
+        h = self.tok_dropout(x_emb)
+        attn_cls = None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, a = layer.step(h, freqs, pos, return_cls_attn=return_cls_attn and i == last)
+            if a is not None:
+                attn_cls = a
+        if self.norm is not None:
+            h = self.norm(h)
+        return BackboneStep(h, attn_cls)
+
+
+# ====================================================================== init
+def init_llama_weights(module: nn.Module, *, std: float = 0.02) -> None:
+    """§1.5: Linear/Embedding weights ~ N(0, 0.02), Linear biases 0, RMSNorm gains 1.
+
+    Zero-initialising the final output layers is each head's job.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)

@@ -1,0 +1,189 @@
+"""Strict official key maps for the AR checkpoints (``shared/specs/checkpoints.md`` §3, §5, §7, §8).
+
+Each format is a :class:`arforge.keymap.KeyMap` from official names to
+:class:`arforge.ar_model.ARModel` names; the same rules run backwards for export.
+Loading (``checkpoints.md`` §1):
+
+1. ``path_or_state`` is a file (read with :func:`arforge.checkpoint.load_foreign`:
+   ``weights_only=True`` plus the allow-list), a container dict or a bare state dict;
+2. the container is unwrapped (DDP ``model``/``ema``, Lightning ``state_dict``,
+   FSDP consolidated bare dict) and the ``module.``/``_orig_mod.``/
+   ``_fsdp_wrapped_module.`` segments are stripped;
+3. the map is applied strictly: every parameter receives exactly one tensor,
+   every source key is mapped or on the format's drop list, shapes match, and
+   a failure lists every missing, unexpected and mis-shaped key at once.
+
+Formats:
+
+* **LlamaGen / IAR GPT** (§3): 7·n_layer + 4 keys; drops ``freqs_cis``,
+  ``layers.*.attention.kv_cache.*`` and ``causal_mask``.
+* **Open-MAGVIT2 AR** (§5): 7·(L + L_f) + 6 ``transformer.*`` keys. The embedded
+  tokenizer (``first_stage_model.*``) is not part of the AR model: it is returned
+  with the prefix stripped (``LoadResult.tokenizer_state``) for the caller to
+  load into a tokenizer, never dropped silently.
+* **IAR2 GPT** (§7): 7·(n_layer + 5) + 20 keys; drops ``kv_cache`` keys; turns on
+  the ``repeat_interleave`` RoPE quirk the weights were trained with (§2.5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import torch
+
+from arforge.ar_model import ARModel
+from arforge.checkpoint import CheckpointError, load_foreign, strip_wrapper_prefixes, unwrap_container
+from arforge.keymap import KeyMap, KeyMapReport
+
+__all__ = [
+    "LLAMAGEN_GPT",
+    "OPEN_MAGVIT2_AR",
+    "IAR2_GPT",
+    "LoadResult",
+    "load_llamagen_gpt",
+    "export_llamagen_gpt",
+    "load_open_magvit2_ar",
+    "export_open_magvit2_ar",
+    "load_iar2_gpt",
+    "export_iar2_gpt",
+]
+
+#: the seven tensors of one Llama block (§3 table), as a regex alternation
+_BLOCK = r"(attention\.wqkv|attention\.wo|feed_forward\.w1|feed_forward\.w2|feed_forward\.w3|attention_norm|ffn_norm)"
+
+LLAMAGEN_GPT = KeyMap(
+    name="LlamaGen GPT",
+    rules=[
+        (r"cls_embedding\.embedding_table\.weight", "cls_embedding.embedding_table.weight"),
+        (r"tok_embeddings\.weight", "embedder.tok_embeddings.weight"),
+        (r"layers\.(\d+)\." + _BLOCK + r"\.weight", r"backbone.layers.\1.\2.weight"),
+        (r"norm\.weight", "head.norm.weight"),
+        (r"output\.weight", "head.output.weight"),
+    ],
+    drop=[r"freqs_cis", r"layers\.\d+\.attention\.kv_cache\.(k_cache|v_cache)", r"causal_mask"],
+)
+
+OPEN_MAGVIT2_AR = KeyMap(
+    name="Open-MAGVIT2 AR",
+    rules=[
+        (r"transformer\.pre_emb\.weight", "embedder.pre_emb.weight"),
+        (r"transformer\.post_emb\.weight", "embedder.post_emb.weight"),
+        (r"transformer\.class_emb\.embedding_table\.weight", "cls_embedding.embedding_table.weight"),
+        (r"transformer\.spatial_blocks\.(\d+)\." + _BLOCK + r"\.weight", r"backbone.layers.\1.\2.weight"),
+        (r"transformer\.factorized_blocks\.(\d+)\." + _BLOCK + r"\.weight", r"head.factorized_blocks.\1.\2.weight"),
+        (r"transformer\.norm\.weight", "head.norm.weight"),
+        (r"transformer\.head\.(0|1)\.weight", r"head.head.\1.weight"),
+    ],
+    drop=[],  # §8: nothing beyond non-weight entries; first_stage_model.* is split off before mapping
+)
+
+IAR2_GPT = KeyMap(
+    name="IAR2 GPT",
+    rules=[
+        (r"cls_embedding\.embedding_table\.weight", "cls_embedding.embedding_table.weight"),
+        (r"(tok_embeddings1|tok_embeddings2)\.weight", r"embedder.\1.weight"),
+        (r"aggregation_layer\.(0|2)\.(weight|bias)", r"embedder.aggregation_layer.\1.\2"),
+        (r"layers\.(\d+)\." + _BLOCK + r"\.weight", r"backbone.layers.\1.\2.weight"),
+        (r"factorized_blocks\.(\d+)\." + _BLOCK + r"\.weight", r"head.factorized_blocks.\1.\2.weight"),
+        (r"norm\.weight", "head.norm.weight"),
+        (r"(output1|output2|mlp1|mlp2)\.(0\.weight|0\.bias|2\.weight)", r"head.\1.\2"),
+    ],
+    drop=[r"(layers|factorized_blocks)\.\d+\.attention\.kv_cache\.(k_cache|v_cache)"],
+)
+
+#: the Lightning prefix of the tokenizer embedded in Open-MAGVIT2 AR files (§5)
+TOKENIZER_PREFIX = "first_stage_model."
+
+
+@dataclass
+class LoadResult:
+    report: KeyMapReport  #: what was mapped/dropped
+    container: str  #: which entry held the weights ("model", "ema", "state_dict", "(bare state dict)")
+    tokenizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: Open-MAGVIT2's embedded tokenizer
+
+
+def _source(path_or_state: str | os.PathLike | Mapping[str, Any], prefer: str) -> tuple[dict, str, str]:
+    """-> (normalised state dict, container entry, description for errors)."""
+    if isinstance(path_or_state, (str, os.PathLike)):
+        what = str(path_or_state)
+        obj = load_foreign(path_or_state)
+    else:
+        what = "state dict"
+        obj = path_or_state
+    if prefer == "ema" and isinstance(obj, Mapping) and "ema" not in obj:  # never fall back silently
+        raise CheckpointError(f"{what} has no 'ema' entry (top-level keys: {sorted(map(str, obj))[:12]}); "
+                              "load weights='model' instead")
+    state, where = unwrap_container(obj, prefer=prefer)
+    return strip_wrapper_prefixes(state), where, what
+
+
+def _load(keymap: KeyMap, model: ARModel, state: Mapping[str, torch.Tensor], what: str) -> KeyMapReport:
+    return keymap.load_into(model, state, what=f"{what} ({keymap.name})")
+
+
+def _container(state: dict[str, torch.Tensor], container: str, entry: str) -> dict:
+    if container == "bare":
+        return state
+    if container == entry:
+        return {entry: state}
+    raise ValueError(f"unknown container {container!r}; use 'bare' or {entry!r}")
+
+
+# ==================================================================== LlamaGen
+def load_llamagen_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any], *,
+                      weights: Literal["model", "ema"] = "model") -> LoadResult:
+    """Load a LlamaGen/IAR GPT (DDP dict, FSDP ``consolidated.pth`` or a state dict) strictly (§3).
+
+    ``weights`` picks the DDP entry (``model`` by default, §1.2).
+    """
+    state, where, what = _source(path_or_state, weights)
+    return LoadResult(_load(LLAMAGEN_GPT, model, state, what), where)
+
+
+def export_llamagen_gpt(model: ARModel, *, container: Literal["bare", "model"] = "bare") -> dict:
+    """The official layout: a bare (FSDP-style) state dict, or ``{"model": ...}`` like the DDP trainer."""
+    return _container(LLAMAGEN_GPT.export(model.state_dict()), container, "model")
+
+
+# ================================================================ Open-MAGVIT2
+def load_open_magvit2_ar(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any]) -> LoadResult:
+    """Load an Open-MAGVIT2 ``AR_256_*.ckpt`` (Lightning ``state_dict``) strictly (§5).
+
+    The ``first_stage_model.*`` tokenizer weights come back in
+    ``tokenizer_state`` (prefix stripped); an AR file without them loads too.
+    """
+    state, where, what = _source(path_or_state, "state_dict")
+    tokenizer = {k[len(TOKENIZER_PREFIX):]: v for k, v in state.items() if k.startswith(TOKENIZER_PREFIX)}
+    ar = {k: v for k, v in state.items() if not k.startswith(TOKENIZER_PREFIX)}
+    return LoadResult(_load(OPEN_MAGVIT2_AR, model, ar, what), where, tokenizer)
+
+
+def export_open_magvit2_ar(model: ARModel, *, tokenizer_state: Mapping[str, torch.Tensor] | None = None,
+                           container: Literal["bare", "state_dict"] = "state_dict") -> dict:
+    """The Lightning layout ``{"state_dict": {transformer.*, first_stage_model.*}}`` (or the bare dict)."""
+    state = OPEN_MAGVIT2_AR.export(model.state_dict())
+    for k, v in (tokenizer_state or {}).items():
+        state[TOKENIZER_PREFIX + k] = v
+    return _container(state, container, "state_dict")
+
+
+# ======================================================================== IAR2
+def load_iar2_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any], *,
+                  weights: Literal["model", "ema"] = "model") -> LoadResult:
+    """Load an IAR2 GPT (FSDP ``.pth`` bare dict or DDP ``.pt`` dict) strictly (§7).
+
+    Sets the ``repeat_interleave`` RoPE flag on the model: the official weights
+    were trained with it (``ar_models.md`` §2.5).
+    """
+    state, where, what = _source(path_or_state, weights)
+    report = _load(IAR2_GPT, model, state, what)
+    if not model.backbone.rope_repeat_interleave:
+        model.configure_rope(repeat_interleave=True)
+    return LoadResult(report, where)
+
+
+def export_iar2_gpt(model: ARModel, *, container: Literal["bare", "model"] = "bare") -> dict:
+    """The official layout: a bare (FSDP-style) state dict, or ``{"model": ...}`` like the DDP trainer."""
+    return _container(IAR2_GPT.export(model.state_dict()), container, "model")

@@ -1,0 +1,215 @@
+"""Model-size presets and builders for the three AR families (``ar_models.md`` §3).
+
+One class, :class:`arforge.ar_model.ARModel`, many named sizes:
+
+* :func:`llamagen_gpt` — LlamaGen GPT-B … GPT-7B (§3.1): identity factorization,
+  linear head. :func:`iar_gpt` is the same model with IAR's cluster loss (§6).
+* :func:`open_magvit2_ar` — Open-MAGVIT2 B/L/XL (§3.2): bit split [6, 12],
+  next-sub-token intra transformer.
+* :func:`iar2_gpt` — IAR2 B/L/XL/XXL (§3.3): semantic/detail pairs, local-context
+  head, ``repeat_interleave`` RoPE (§2.5).
+
+Every family also has a ``tiny`` preset for tests. :data:`PRESET_PARAMS` lists
+the parameter count of every paper preset at its default vocabulary and block
+size (the spec's "computed" numbers, exact here); build on the meta device
+(``with torch.device("meta"):``) to count without allocating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from arforge.ar_model import ARModel
+from arforge.interfaces import as_grid
+from arforge.nn.llama import LlamaBackbone
+
+from arforge_plugins.linear_head import LinearHead
+from arforge_plugins.next_subtoken_head import NextSubtokenHead
+from arforge_plugins.semantic_detail_head import SemanticDetailHead
+from arforge_plugins.token_factorizations import (
+    BitSplitFactorization,
+    IdentityFactorization,
+    SemanticDetailFactorization,
+)
+
+__all__ = [
+    "ARSize",
+    "LLAMAGEN_SIZES",
+    "OPEN_MAGVIT2_SIZES",
+    "IAR2_SIZES",
+    "PRESET_PARAMS",
+    "llamagen_gpt",
+    "iar_gpt",
+    "open_magvit2_ar",
+    "iar2_gpt",
+]
+
+
+@dataclass(frozen=True)
+class ARSize:
+    n_layer: int  #: backbone blocks (Open-MAGVIT2: spatial blocks)
+    n_head: int
+    dim: int
+    head_layers: int = 0  #: Open-MAGVIT2 ``factorized_n_layer``; IAR2 head blocks (5)
+
+
+#: §3.1 (IAR uses the same sizes)
+LLAMAGEN_SIZES: dict[str, ARSize] = {
+    "tiny": ARSize(n_layer=2, n_head=4, dim=64),
+    "B": ARSize(n_layer=12, n_head=12, dim=768),
+    "L": ARSize(n_layer=24, n_head=16, dim=1024),
+    "XL": ARSize(n_layer=36, n_head=20, dim=1280),
+    "XXL": ARSize(n_layer=48, n_head=24, dim=1536),
+    "XXXL": ARSize(n_layer=48, n_head=40, dim=2560),
+    "1B": ARSize(n_layer=22, n_head=32, dim=2048),
+    "3B": ARSize(n_layer=24, n_head=32, dim=3200),
+    "7B": ARSize(n_layer=32, n_head=32, dim=4096),
+}
+
+#: §3.2 (``imagenet_conditional_llama_{B,L,XL}.yaml``)
+OPEN_MAGVIT2_SIZES: dict[str, ARSize] = {
+    "tiny": ARSize(n_layer=2, n_head=4, dim=64, head_layers=1),
+    "B": ARSize(n_layer=24, n_head=16, dim=1024, head_layers=2),
+    "L": ARSize(n_layer=36, n_head=20, dim=1280, head_layers=3),
+    "XL": ARSize(n_layer=48, n_head=24, dim=1536, head_layers=4),
+}
+
+#: §3.3 (upstream ``gpt_train.py`` GPT-B/L/XL/XXL)
+IAR2_SIZES: dict[str, ARSize] = {
+    "tiny": ARSize(n_layer=2, n_head=4, dim=64, head_layers=5),
+    "B": ARSize(n_layer=12, n_head=12, dim=768, head_layers=5),
+    "L": ARSize(n_layer=24, n_head=16, dim=1024, head_layers=5),
+    "XL": ARSize(n_layer=36, n_head=20, dim=1280, head_layers=5),
+    "XXL": ARSize(n_layer=48, n_head=24, dim=1536, head_layers=5),
+}
+
+#: Parameters of each paper preset at its default vocabulary (computed from the
+#: architecture; the spec's rounded figures in the comments).
+PRESET_PARAMS: dict[str, int] = {
+    "llamagen_gpt/B": 110_888_448,  # 110.9M
+    "llamagen_gpt/L": 342_910_976,  # 342.9M
+    "llamagen_gpt/XL": 774_699_520,  # 774.7M
+    "llamagen_gpt/XXL": 1_410_972_672,  # 1.411B
+    "llamagen_gpt/XXXL": 3_893_027_840,  # 3.893B
+    "llamagen_gpt/1B": 1_199_616_000,  # 1.200B
+    "llamagen_gpt/3B": 3_096_659_200,  # 3.097B
+    "llamagen_gpt/7B": 6_614_589_440,  # 6.615B
+    "open_magvit2_ar/B": 343_570_432,  # 343.6M
+    "open_magvit2_ar/L": 804_362_240,  # 804.4M
+    "open_magvit2_ar/XL": 1_486_679_040,  # 1.487B
+    "iar2_gpt/B": 143_111_616,  # 143.1M incl. the 35.4M head
+    "iar2_gpt/L": 408_220_160,  # 408.2M incl. 64.2M
+    "iar2_gpt/XL": 884_267_200,  # 884.3M incl. 101.6M
+    "iar2_gpt/XXL": 1_570_110_336,  # 1.570B incl. 141.6M
+}
+
+
+def _size(table: dict[str, ARSize], size: str | ARSize, family: str) -> ARSize:
+    if isinstance(size, ARSize):
+        return size
+    try:
+        return table[size]
+    except KeyError:
+        raise ValueError(f"unknown {family} size {size!r}; known sizes: {', '.join(table)}") from None
+
+
+def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: int = 256,
+                 num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
+                 resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, cls_zero_rotation: bool = True,
+                 rope_repeat_interleave: bool = False, cluster_size: int | None = None,
+                 cluster_loss_weight: float = 1.0) -> ARModel:
+    """LlamaGen class-conditional GPT (``ar_models.md`` §3.1, §5.1).
+
+    Args:
+        size: a key of :data:`LLAMAGEN_SIZES` (B, L, XL, XXL, XXXL, 1B, 3B, 7B, tiny) or an :class:`ARSize`.
+        vocab_size: VQ codebook size (§3.1: 16384).
+        block_size: tokens per image (§3.1: 256 at 256 px, 576 at 384 px).
+        num_classes: label classes (§4: 1000, plus the null row).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
+        cls_zero_rotation: §2.4 class-slot RoPE quirk (on for official weights).
+        rope_repeat_interleave: §2.5 IAR2 quirk (off for LlamaGen).
+        cluster_size, cluster_loss_weight: IAR's cluster loss (§6), off by default.
+    """
+    s = _size(LLAMAGEN_SIZES, size, "LlamaGen")
+    fact = IdentityFactorization(codebook_size=vocab_size)
+    backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
+                             token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
+                             ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation,
+                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False)
+    head = LinearHead(dim=s.dim, vocab_size=vocab_size)
+    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                   class_dropout_p=class_dropout_p, cluster_size=cluster_size,
+                   cluster_loss_weight=cluster_loss_weight)
+
+
+def iar_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: int = 256, num_classes: int = 1000,
+            class_dropout_p: float = 0.1, token_dropout_p: float = 0.1, resid_dropout_p: float = 0.1,
+            ffn_dropout_p: float = 0.1, cluster_size: int = 128, cluster_loss_weight: float = 1.0) -> ARModel:
+    """IAR: LlamaGen's GPT over reordered ids, trained with the cluster-oriented loss (§6).
+
+    Args:
+        cluster_size: tokens per cluster (§6: 128 clusters × 128).
+        cluster_loss_weight: λ (§6: ``--lambda-cce`` = 1).
+        Others: as :func:`llamagen_gpt`.
+    """
+    return llamagen_gpt(size, vocab_size=vocab_size, block_size=block_size, num_classes=num_classes,
+                        class_dropout_p=class_dropout_p, token_dropout_p=token_dropout_p,
+                        resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
+                        cluster_size=cluster_size, cluster_loss_weight=cluster_loss_weight)
+
+
+def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] = (6, 12), block_size: int = 256,
+                    num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
+                    resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
+                    cls_zero_rotation: bool = True) -> ARModel:
+    """Open-MAGVIT2 AR with next-sub-token prediction (``ar_models.md`` §3.2, §5.2).
+
+    Args:
+        size: a key of :data:`OPEN_MAGVIT2_SIZES` (B, L, XL, tiny) or an :class:`ARSize`.
+        factorized_bits: LFQ bit groups (§3.2: [6, 12] → vocabularies 64 and 4096).
+        block_size: tokens per image (§3.2: 256).
+        num_classes: label classes (§4: 1000).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
+        cls_zero_rotation: §2.4 quirk (on for official weights).
+    """
+    s = _size(OPEN_MAGVIT2_SIZES, size, "Open-MAGVIT2")
+    fact = BitSplitFactorization(bits=factorized_bits)
+    backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
+                             token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
+                             ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation, final_norm=False)
+    head = NextSubtokenHead(dim=s.dim, n_layer=s.head_layers, n_head=s.n_head, vocab_sizes=fact.vocab_sizes,
+                            resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
+                            cls_zero_rotation=cls_zero_rotation)
+    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                   class_dropout_p=class_dropout_p)
+
+
+def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size: int = 4096, block_size: int = 576,
+             num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
+             resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, semantic_loss_weight: float = 1.0,
+             cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True) -> ARModel:
+    """IAR2 GPT with the local-context semantic/detail head (``ar_models.md`` §3.3, §5.3).
+
+    Args:
+        size: a key of :data:`IAR2_SIZES` (B, L, XL, XXL, tiny) or an :class:`ARSize`.
+        semantic_size, detail_size: the two codebooks (§3.3: 256 and 4096).
+        block_size: tokens per image (§3.3: 576, a 24×24 grid).
+        num_classes: label classes (§4: 1000).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
+        semantic_loss_weight: ``--w1`` on the semantic CE (§6: default 1.0, the FSDP example 2.0).
+        cls_zero_rotation: §2.4 quirk (on for official weights).
+        rope_repeat_interleave: §2.5 quirk (on for official weights; optional for new models).
+    """
+    s = _size(IAR2_SIZES, size, "IAR2")
+    fact = SemanticDetailFactorization(semantic_size=semantic_size, detail_size=detail_size)
+    backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
+                             token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
+                             ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation,
+                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False)
+    head = SemanticDetailHead(dim=s.dim, n_head=s.n_head, grid_size=as_grid(block_size)[0],
+                              n_layer=s.head_layers, vocab_sizes=fact.vocab_sizes,
+                              resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
+                              cls_zero_rotation=cls_zero_rotation, rope_repeat_interleave=rope_repeat_interleave)
+    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                   class_dropout_p=class_dropout_p, loss_weights=(semantic_loss_weight, 1.0))

@@ -1,0 +1,214 @@
+"""IAR2's local-context semantic/detail head (``ar_models.md`` §5.3, §9.5).
+
+Per position n:
+
+1. **Window.** The 12 causal neighbours of cell n = (i, j) on the g×g grid, in
+   this order (§5.3.4): k = 0–4 row i−2, columns j−2 … j+2; k = 5–9 row i−1,
+   columns j−2 … j+2; k = 10 (i, j−2); k = 11 (i, j−1). Neighbour m contributes
+   h_m, the backbone state that predicted token m. Out-of-grid neighbours are
+   zero vectors fed *into* ``mlp1``, so they contribute mlp1(0) (§H quirk).
+2. **Compression.** ``mlp1`` (D → D//4 → ⌊D/12⌋, shared over the slots), the 12
+   outputs concatenated in neighbour order, ``mlp2`` (12·⌊D/12⌋ → 2D → D) → u_n.
+3. **Head sequence** [u_n, h_n, E_s[s_n]] through 5 ``factorized_blocks``
+   (causal, RoPE rows 0–2 of the backbone's table: zero, then identity twice
+   under IAR2's ``repeat_interleave``, §2.6), ``norm``, then ``output1``(slot 1)
+   → semantic logits and ``output2``(slot 2) → detail logits. E_s is the
+   embedder's ``tok_embeddings1`` (one tensor; the model ties it).
+
+The window indices are derived from the grid size (any g) and kept as
+non-persistent buffers (pitfall D7). Because ``mlp1`` acts on each neighbour
+separately, mlp1 is applied once per position and the 12 compressed vectors are
+gathered (mlp1(gather(h)) = gather(mlp1(h))): training runs mlp1 L times
+instead of 12·L, and sampling keeps a history of mlp1(h_m) (Bc, L+1, ⌊D/12⌋)
+whose last row is mlp1(0), instead of the raw (Bc, L, D) states.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from arforge.nn.llama import RMSNorm, TransformerBlock, canonical_device, subtoken_freqs_cis
+
+__all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
+
+#: (row offset, column offset) of the 12 neighbours, in §5.3.4 order
+NEIGHBOURS: tuple[tuple[int, int], ...] = (
+    tuple((-2, dc) for dc in range(-2, 3)) + tuple((-1, dc) for dc in range(-2, 3)) + ((0, -2), (0, -1))
+)
+
+
+def window_indices(grid_size: int) -> torch.Tensor:
+    """(g*g, 12) int64: the flat index of each cell's neighbours, −1 where out of the grid."""
+    g = grid_size
+    rows = []
+    for i in range(g):
+        for j in range(g):
+            rows.append([(i + di) * g + (j + dj) if 0 <= i + di < g and 0 <= j + dj < g else -1
+                         for di, dj in NEIGHBOURS])
+    return torch.tensor(rows, dtype=torch.long).reshape(g * g, len(NEIGHBOURS))  # (g*g, 12)
+
+
+class SemanticDetailHead(nn.Module):
+    """Window MLPs + 5-block head over [u_n, h_n, E_s[s_n]] → (semantic, detail) logits (IAR2 §5.3)."""
+
+    tied_subtoken = 0  #: reuses the embedder's ``tok_embeddings1``
+    n_slots = 3
+
+    def __init__(self, *, dim: int, n_head: int, grid_size: int, n_layer: int = 5, n_kv_head: int | None = None,
+                 vocab_sizes: Sequence[int] = (256, 4096), ffn_hidden: int | None = None, norm_eps: float = 1e-5,
+                 attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
+                 rope_base: float = 10000.0, cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True):
+        """
+        Args:
+            dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (§5.3.6: same configuration).
+            grid_size: g of the g×g token grid (§3.3: 24), for the neighbour window.
+            n_layer: head blocks (§5.3.6: 5).
+            vocab_sizes: (semantic, detail) vocabularies (§3.3: 256 and 4096).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (§1.5: 0, 0.1, 0.1).
+            rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–2 the slots
+                use (§2.6; IAR2 checkpoints need ``rope_repeat_interleave``, §2.5).
+        """
+        super().__init__()
+        vocab_sizes = tuple(int(v) for v in vocab_sizes)
+        if len(vocab_sizes) != 2:
+            raise ValueError(f"the semantic/detail head predicts two sub-tokens, got vocab_sizes {vocab_sizes}")
+        self.dim = dim
+        self.vocab_sizes = vocab_sizes
+        self.grid_size = grid_size
+        self.head_dim = dim // n_head
+        self.rope_base = rope_base
+        self.cls_zero_rotation = cls_zero_rotation
+        self.rope_repeat_interleave = rope_repeat_interleave
+        c = dim // 12  # ⌊D/12⌋ features per neighbour (§3.3)
+        self.window_dim = c
+        self.mlp1 = nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, c, bias=False))
+        self.mlp2 = nn.Sequential(nn.Linear(len(NEIGHBOURS) * c, 2 * dim), nn.GELU(),
+                                  nn.Linear(2 * dim, dim, bias=False))
+        self.factorized_blocks = nn.ModuleList([
+            TransformerBlock(dim=dim, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=ffn_hidden, norm_eps=norm_eps,
+                             attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p,
+                             ffn_dropout_p=ffn_dropout_p)
+            for _ in range(n_layer)
+        ])
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.output1 = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, vocab_sizes[0], bias=False))
+        self.output2 = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, vocab_sizes[1], bias=False))
+        self.register_buffer("window_index", window_indices(grid_size), persistent=False)  # (g*g, 12), −1 outside
+        self.register_buffer("freqs_cis", self._table(), persistent=False)
+        self.__dict__["_sem_emb"] = None  # tied, not registered: it belongs to the embedder
+        self.history: torch.Tensor | None = None
+
+    def _table(self) -> torch.Tensor:
+        return subtoken_freqs_cis(n_slots=self.n_slots, head_dim=self.head_dim, base=self.rope_base,
+                                  cls_zero_rotation=self.cls_zero_rotation,
+                                  repeat_interleave=self.rope_repeat_interleave)
+
+    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
+        if cls_zero_rotation is not None:
+            self.cls_zero_rotation = cls_zero_rotation
+        if repeat_interleave is not None:
+            self.rope_repeat_interleave = repeat_interleave
+        self.freqs_cis = self._table().to(self.freqs_cis.device)
+
+    # ---------------------------------------------------------------- tying
+    def tie_embedding(self, embedding: nn.Embedding) -> None:
+        if embedding.num_embeddings != self.vocab_sizes[0]:
+            raise ValueError(f"semantic embedding has {embedding.num_embeddings} rows, expected {self.vocab_sizes[0]}")
+        self.__dict__["_sem_emb"] = embedding
+
+    @property
+    def tok_embeddings1(self) -> nn.Embedding:
+        emb = self.__dict__["_sem_emb"]
+        if emb is None:
+            raise RuntimeError("the semantic/detail head has no semantic embedding: build it inside an ARModel "
+                               "(which ties the embedder's tok_embeddings1) or call tie_embedding(...)")
+        return emb
+
+    def zero_init_outputs(self) -> None:
+        nn.init.zeros_(self.output1[2].weight)
+        nn.init.zeros_(self.output2[2].weight)
+
+    # --------------------------------------------------------------- window
+    def neighbour_states(self, h: torch.Tensor) -> torch.Tensor:
+        """The raw window: h (B, L, D) -> (B, L, 12, D), zero vectors where out of the grid."""
+        b, l, d = h.shape
+        idx = self.window_index[:l]  # (L, 12)
+        padded = torch.cat([h, h.new_zeros(b, 1, d)], dim=1)  # (B, L+1, D): row L is the zero vector
+        return padded[:, torch.where(idx < 0, l, idx)]  # (B, L, 12, D)
+
+    def local_context(self, h: torch.Tensor) -> torch.Tensor:
+        """u = mlp2(concat_k mlp1(h_{m_k})): h (B, L, D) -> (B, L, D)."""
+        b, l, d = h.shape
+        idx = self.window_index[:l]  # (L, 12)
+        compressed = self.mlp1(torch.cat([h, h.new_zeros(b, 1, d)], dim=1))  # (B, L+1, c): row L = mlp1(0)
+        window = compressed[:, torch.where(idx < 0, l, idx)]  # (B, L, 12, c)
+        return self.mlp2(window.reshape(b, l, -1))  # (B, L, 12c) -> (B, L, D)
+
+    # ------------------------------------------------------------- training
+    def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """h (B, L, D), sub_tokens (B, L, 2) -> [semantic (B, L, V_s), detail (B, L, V_d)] fp32."""
+        b, l, d = h.shape
+        x = torch.stack([self.local_context(h), h, self.tok_embeddings1(sub_tokens[..., 0])], dim=2)  # (B, L, 3, D)
+        x = x.reshape(b * l, self.n_slots, d)  # (B·L, 3, D)
+        for blk in self.factorized_blocks:
+            x = blk(x, self.freqs_cis)
+        x = self.norm(x).view(b, l, self.n_slots, d)  # (B, L, 3, D); slot 0's output is unused
+        return [self.output1(x[:, :, 1]).float(), self.output2(x[:, :, 2]).float()]
+
+    # ------------------------------------------------------------- decoding
+    def setup_cache(self, *, batch: int, dtype: torch.dtype, device: torch.device | str) -> bool:
+        """Head K/V caches of exactly 3 slots and the window history (Bc, L+1, c), allocated once."""
+        device = canonical_device(device)
+        allocated = False
+        for blk in self.factorized_blocks:
+            allocated |= blk.attention.setup_cache(max_batch=batch, max_seq_len=self.n_slots,
+                                                   dtype=dtype, device=device)
+        shape = (batch, self.grid_size * self.grid_size + 1, self.window_dim)
+        hist = self.history
+        if hist is None or tuple(hist.shape) != shape or hist.dtype != dtype or hist.device != device:
+            self.history = torch.zeros(shape, dtype=dtype, device=device)
+            allocated = True
+        return allocated
+
+    def release_cache(self) -> None:
+        for blk in self.factorized_blocks:
+            blk.attention.kv_cache = None
+        self.history = None
+
+    def cache_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, blk in enumerate(self.factorized_blocks):
+            if blk.attention.kv_cache is not None:
+                out[f"factorized_blocks.{i}.k_cache"] = blk.attention.kv_cache.k_cache
+                out[f"factorized_blocks.{i}.v_cache"] = blk.attention.kv_cache.v_cache
+        if self.history is not None:
+            out["history"] = self.history
+        return out
+
+    def _blocks_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        freqs = self.freqs_cis[start:start + x.shape[1]]  # (T, hd/2, 2)
+        for blk in self.factorized_blocks:
+            x, _ = blk.step(x, freqs, start)
+        return self.norm(x[:, -1])  # (Bc, D): the last new slot
+
+    def decode_position(self, h: torch.Tensor, n: int,
+                        choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """§9.5 steps 2–3: h (Bc, 1, D) -> (s, d) (Bc, 2)."""
+        hist = self.history
+        if hist is None or hist.shape[0] != h.shape[0]:
+            raise RuntimeError("the semantic/detail head's caches are not set up for this batch: call setup_caches")
+        L = hist.shape[1] - 1
+        if n == 0:  # a new image: the out-of-grid row is mlp1(0) under the current weights
+            hist[:, L].copy_(self.mlp1(h.new_zeros(1, self.dim)).to(hist.dtype).expand(h.shape[0], -1))
+        hist[:, n].copy_(self.mlp1(h[:, 0]).to(hist.dtype))  # (Bc, c)
+        idx = self.window_index[n]  # (12,)
+        window = hist[:, torch.where(idx < 0, L, idx)]  # (Bc, 12, c)
+        u = self.mlp2(window.reshape(h.shape[0], -1).to(h.dtype))  # (Bc, 12c) -> (Bc, D)
+        x = self._blocks_step(torch.stack([u, h[:, 0]], dim=1), 0)  # slots 0–1: (Bc, 2, D) -> (Bc, D)
+        s = choose(0, self.output1(x).float())  # (Bc,)
+        x = self._blocks_step(self.tok_embeddings1(s)[:, None], 2)  # slot 2: (Bc, 1, D) -> (Bc, D)
+        d = choose(1, self.output2(x).float())  # (Bc,)
+        return torch.stack([s, d], dim=1)  # (Bc, 2)
