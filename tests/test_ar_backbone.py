@@ -39,7 +39,7 @@ def test_find_multiple_and_ffn_hidden_sizes_follow_spec():
 
 def test_rmsnorm_is_fp32_then_cast_back():
     torch.manual_seed(0)
-    norm = RMSNorm(8)
+    norm = RMSNorm(dim=8)
     assert norm.eps == 1e-5
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
@@ -129,6 +129,17 @@ def test_iar2_repeat_interleave_token_t_uses_cell_t_div_2():
     assert not torch.equal(subtoken_freqs_cis(n_slots=3, head_dim=hd)[2], identity)
 
 
+def test_rope_table_stays_fp32_when_the_model_is_cast():
+    from arforge_plugins import ar_presets
+
+    m = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=25).to(torch.bfloat16)
+    assert m.backbone.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    ref = precompute_freqs_cis_2d(grid_size=5, head_dim=16, repeat_interleave=True)
+    assert m.backbone.freqs_cis.dtype == torch.float32 and torch.equal(m.backbone.freqs_cis, ref)
+    assert m.head.freqs_cis.dtype == torch.float32 and torch.equal(m.head.freqs_cis, ref[:3])
+    assert m.head.window_index.dtype == torch.long
+
+
 def test_backbone_rope_flag_switches_table():
     bb = _backbone(block_size=16, rope_repeat_interleave=False)
     bb.configure_rope(repeat_interleave=True)
@@ -199,7 +210,7 @@ def test_decode_step_matches_math_sdpa_kernel():
         else:
             with sdpa_kernel(backends):
                 outs.append([bb.step(x[:, n:n + 1], n).hidden for n in range(4)])
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -240,7 +251,8 @@ def test_label_embedder_null_class_and_dropout():
     out = emb(torch.tensor([[1], [2], [3], [4]]), train=False, force_drop_ids=force)  # (B, 1) labels squeeze
     assert torch.equal(out[:, 0], emb.embedding_table(torch.tensor([1000, 2, 1000, 4])))
     always = LabelEmbedder(num_classes=10, dim=4, dropout_p=1.0)
-    assert torch.equal(always(torch.tensor([1, 2]), train=True), always.embedding_table(torch.tensor([10, 10]))[:, None])
+    null = always.embedding_table(torch.tensor([10, 10]))[:, None]
+    assert torch.equal(always(torch.tensor([1, 2]), train=True), null)
 
 
 # ------------------------------------------------------------------ presets
@@ -288,5 +300,7 @@ def test_preset_shapes_follow_spec_tables():
     assert len(om2.head.factorized_blocks) == 3 and om2.vocab_sizes == (64, 4096)
     assert iar2.head.mlp1[2].weight.shape == (85, 256) and iar2.head.mlp2[0].weight.shape == (2048, 1020)
     assert iar2.backbone.rope_repeat_interleave and iar2.backbone.max_seq_len == 584
-    with pytest.raises(ValueError, match="unknown LlamaGen size"):
+    from arforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown LlamaGen size 'M'; known sizes: tiny, B, L"):
         ar_presets.llamagen_gpt("M")

@@ -65,10 +65,10 @@ def _decode_teacher(m: ARModel, toks: torch.Tensor, labels: torch.Tensor, cfg: b
     for n in range(L):
         def choose(k: int, lg: torch.Tensor, info: DecodeInfo) -> torch.Tensor:
             assert lg.dtype == torch.float32 and lg.shape == ((2 * B if cfg else B), m.vocab_sizes[k])
-            logits[k][n] = lg
+            logits[k][info.n] = lg
             if k == 0:
                 infos.append(info)
-            return toks[:, n, k]
+            return toks[:, info.n, k]
         prev = m.decode_step(n, prev, lab, choose, record_cls_attention=record)
         assert torch.equal(prev, toks[:, n])
     return [torch.stack(lk, dim=1) for lk in logits], infos

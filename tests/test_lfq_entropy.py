@@ -226,11 +226,10 @@ def test_entropy_scope_across_two_ranks(tmp_path, scope):
     z_all = torch.randn(4, 10, 3, 3, dtype=torch.float64) * 0.05
     q = LookupFreeQuantizer(bits=10, entropy_scope="local").train()
     if scope == "global":
-        # p_bar over both ranks' tokens; each rank's gradient is that of the global objective
-        z = z_all.clone().requires_grad_(True)
-        o = q(z)
-        hc_global = o.stats["codebook_entropy"].item()
-        # each rank's loss: its own sample entropy and commitment, the shared codebook entropy
+        # p_bar over both ranks' tokens, as on one device holding the whole batch
+        hc_global = q(z_all).stats["codebook_entropy"].item()
+        # each rank's gradient: that of its own sample entropy and commitment minus the shared
+        # (global) codebook entropy, with respect to its own tokens
         for r in range(2):
             zr = z_all.clone().requires_grad_(True)
             x = zr.permute(0, 2, 3, 1).reshape(-1, 10)

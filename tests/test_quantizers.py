@@ -135,15 +135,15 @@ def test_lfq_straight_through_gradient():
 
 
 def test_lfq_losses_match_naive_softmax():
-    """Weighted losses equal upstream's formula with the full softmax (K = 10)."""
+    """Weighted losses equal upstream's formula with the full softmax (K = 10, every weight and tau set)."""
     z = features(2, 10, 3, 3, dtype=torch.float64) * 0.05
-    q = LookupFreeQuantizer(bits=10, sample_entropy_weight=0.7, codebook_entropy_weight=1.2,
+    q = LookupFreeQuantizer(bits=10, tau=0.05, sample_entropy_weight=0.7, codebook_entropy_weight=1.2,
                             entropy_weight=0.3, commitment_weight=0.5, entropy_scope="local").train()
     out = q(z)
     x = z.permute(0, 2, 3, 1).reshape(-1, 10)
     codes = torch.tensor([[1.0 if (j >> d) & 1 else -1.0 for d in range(10)] for j in range(1024)],
                          dtype=torch.float64)
-    logits = 2 * x @ codes.T / 0.01
+    logits = 2 * x @ codes.T / 0.05
     probs = logits.softmax(-1)
     hs = -(probs * logits.log_softmax(-1)).sum(-1).mean()
     avg = probs.mean(0)

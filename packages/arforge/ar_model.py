@@ -141,7 +141,7 @@ def subtoken_loss(logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor, *,
         raise ValueError(f"{k_count} sub-tokens but {len(weights)} loss weights / {len(names)} names")
     parts: dict[str, torch.Tensor] = {}
     total = logits[0].new_zeros(())
-    for k, (lg, w, name) in enumerate(zip(logits, weights, names)):
+    for k, (lg, w, name) in enumerate(zip(logits, weights, names, strict=True)):
         ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), sub_tokens[..., k].reshape(-1))  # over B·L
         parts[f"ce_{name}"] = ce
         total = total + w * ce

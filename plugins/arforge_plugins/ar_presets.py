@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from arforge.ar_model import ARModel
+from arforge.errors import ConfigError
 from arforge.interfaces import as_grid
 from arforge.nn.llama import LlamaBackbone
 
@@ -111,7 +112,7 @@ def _size(table: dict[str, ARSize], size: str | ARSize, family: str) -> ARSize:
     try:
         return table[size]
     except KeyError:
-        raise ValueError(f"unknown {family} size {size!r}; known sizes: {', '.join(table)}") from None
+        raise ConfigError(f"unknown {family} size {size!r}; known sizes: {', '.join(table)}") from None
 
 
 def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: int = 256,

@@ -31,7 +31,7 @@ class LinearHead(nn.Module):
         super().__init__()
         self.dim = dim
         self.vocab_sizes = (vocab_size,)
-        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.norm = RMSNorm(dim=dim, eps=norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
 
     def zero_init_outputs(self) -> None:

@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from arforge.nn.llama import RMSNorm, TransformerBlock, subtoken_freqs_cis
+from arforge.nn.llama import RMSNorm, RotaryTableMixin, TransformerBlock, subtoken_freqs_cis
 
 __all__ = ["NextSubtokenHead"]
 
 
-class NextSubtokenHead(nn.Module):
+class NextSubtokenHead(RotaryTableMixin, nn.Module):
     """Intra transformer over [h_t, E_pre[pre_t]] → (pre, post) logits (Open-MAGVIT2 §5.2)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``pre_emb``
@@ -59,7 +59,7 @@ class NextSubtokenHead(nn.Module):
                              ffn_dropout_p=ffn_dropout_p)
             for _ in range(n_layer)
         ])
-        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.norm = RMSNorm(dim=dim, eps=norm_eps)
         self.head = nn.ModuleList([nn.Linear(dim, v, bias=False) for v in vocab_sizes])
         self.register_buffer("freqs_cis", self._table(), persistent=False)
         self.__dict__["_pre_emb"] = None  # tied, not registered: it belongs to the embedder
@@ -97,12 +97,12 @@ class NextSubtokenHead(nn.Module):
     # ------------------------------------------------------------- training
     def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor) -> list[torch.Tensor]:
         """h (B, L, D), sub_tokens (B, L, 2) -> [pre (B, L, V_0), post (B, L, V_1)] fp32."""
-        b, l, d = h.shape
+        b, n_pos, d = h.shape
         x = torch.stack([h, self.pre_emb(sub_tokens[..., 0])], dim=2)  # (B, L, 2, D)
-        x = x.reshape(b * l, self.n_slots, d)  # (B·L, 2, D)
+        x = x.reshape(b * n_pos, self.n_slots, d)  # (B·L, 2, D)
         for blk in self.factorized_blocks:
             x = blk(x, self.freqs_cis)
-        x = self.norm(x).view(b, l, self.n_slots, d)  # (B, L, 2, D)
+        x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 2, D)
         return [self.head[0](x[:, :, 0]).float(), self.head[1](x[:, :, 1]).float()]
 
     # ------------------------------------------------------------- decoding

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from arforge.nn.llama import RMSNorm, TransformerBlock, canonical_device, subtoken_freqs_cis
+from arforge.nn.llama import RMSNorm, RotaryTableMixin, TransformerBlock, canonical_device, subtoken_freqs_cis
 
 __all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
 
@@ -51,7 +51,7 @@ def window_indices(grid_size: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(g * g, len(NEIGHBOURS))  # (g*g, 12)
 
 
-class SemanticDetailHead(nn.Module):
+class SemanticDetailHead(RotaryTableMixin, nn.Module):
     """Window MLPs + 5-block head over [u_n, h_n, E_s[s_n]] → (semantic, detail) logits (IAR2 §5.3)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``tok_embeddings1``
@@ -93,7 +93,7 @@ class SemanticDetailHead(nn.Module):
                              ffn_dropout_p=ffn_dropout_p)
             for _ in range(n_layer)
         ])
-        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.norm = RMSNorm(dim=dim, eps=norm_eps)
         self.output1 = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, vocab_sizes[0], bias=False))
         self.output2 = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, vocab_sizes[1], bias=False))
         self.register_buffer("window_index", window_indices(grid_size), persistent=False)  # (g*g, 12), −1 outside
@@ -134,28 +134,28 @@ class SemanticDetailHead(nn.Module):
     # --------------------------------------------------------------- window
     def neighbour_states(self, h: torch.Tensor) -> torch.Tensor:
         """The raw window: h (B, L, D) -> (B, L, 12, D), zero vectors where out of the grid."""
-        b, l, d = h.shape
-        idx = self.window_index[:l]  # (L, 12)
+        b, n_pos, d = h.shape
+        idx = self.window_index[:n_pos]  # (L, 12)
         padded = torch.cat([h, h.new_zeros(b, 1, d)], dim=1)  # (B, L+1, D): row L is the zero vector
-        return padded[:, torch.where(idx < 0, l, idx)]  # (B, L, 12, D)
+        return padded[:, torch.where(idx < 0, n_pos, idx)]  # (B, L, 12, D)
 
     def local_context(self, h: torch.Tensor) -> torch.Tensor:
         """u = mlp2(concat_k mlp1(h_{m_k})): h (B, L, D) -> (B, L, D)."""
-        b, l, d = h.shape
-        idx = self.window_index[:l]  # (L, 12)
+        b, n_pos, d = h.shape
+        idx = self.window_index[:n_pos]  # (L, 12)
         compressed = self.mlp1(torch.cat([h, h.new_zeros(b, 1, d)], dim=1))  # (B, L+1, c): row L = mlp1(0)
-        window = compressed[:, torch.where(idx < 0, l, idx)]  # (B, L, 12, c)
-        return self.mlp2(window.reshape(b, l, -1))  # (B, L, 12c) -> (B, L, D)
+        window = compressed[:, torch.where(idx < 0, n_pos, idx)]  # (B, L, 12, c)
+        return self.mlp2(window.reshape(b, n_pos, -1))  # (B, L, 12c) -> (B, L, D)
 
     # ------------------------------------------------------------- training
     def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor) -> list[torch.Tensor]:
         """h (B, L, D), sub_tokens (B, L, 2) -> [semantic (B, L, V_s), detail (B, L, V_d)] fp32."""
-        b, l, d = h.shape
+        b, n_pos, d = h.shape
         x = torch.stack([self.local_context(h), h, self.tok_embeddings1(sub_tokens[..., 0])], dim=2)  # (B, L, 3, D)
-        x = x.reshape(b * l, self.n_slots, d)  # (B·L, 3, D)
+        x = x.reshape(b * n_pos, self.n_slots, d)  # (B·L, 3, D)
         for blk in self.factorized_blocks:
             x = blk(x, self.freqs_cis)
-        x = self.norm(x).view(b, l, self.n_slots, d)  # (B, L, 3, D); slot 0's output is unused
+        x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 3, D); slot 0's output is unused
         return [self.output1(x[:, :, 1]).float(), self.output2(x[:, :, 2]).float()]
 
     # ------------------------------------------------------------- decoding

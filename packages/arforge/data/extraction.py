@@ -187,14 +187,7 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
             raise ConfigError("extract_codes without a run context needs output_dir")
         ctx = local_context(Path(output_dir).parent)
     out = Path(output_dir) if output_dir is not None else Path(ctx.output_dir) / "codes"
-    for attr in ("encode", "codebook_sizes", "downsample"):
-        if not hasattr(tokenizer, attr):
-            raise ConfigError(f"{type(tokenizer).__name__} is not a tokenizer: it lacks {attr!r} "
-                              "(arforge.interfaces.Tokenizer: encode(images) -> (B, L, S), codebook_sizes, downsample)")
-    if image_size % tokenizer.downsample:
-        raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsample "
-                          f"factor {tokenizer.downsample}")
-    grid = (image_size // tokenizer.downsample, image_size // tokenizer.downsample)
+    grid = _token_grid(tokenizer, image_size)
     seq_len = grid[0] * grid[1]
     crops = ExtractionCrops(image_size=image_size, ten_crop=ten_crop, crop_range=crop_range, flips=flips)
     n_aug = len(crops.names)
@@ -220,7 +213,6 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
     was_training = getattr(tokenizer, "training", None)
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(device).eval()
-    checkpoint = tokenizer_checkpoint if tokenizer_checkpoint is not None else getattr(tokenizer, "checkpoint_path", None)
     writer = None
     if dist.is_main:
         writer = TokenCodeWriter(out, capacity=capacity, n_aug=n_aug, seq_len=seq_len,
@@ -244,16 +236,10 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
         skipped = _skipped(dataset, writer, capacity, streaming, distributed)
         manifest = None
         if writer is not None:
-            checkpoint_path = Path(checkpoint).expanduser() if checkpoint is not None else None
-            manifest = writer.commit(
-                grid=grid, augmentations=crops.names,
-                tokenizer_checkpoint=str(checkpoint_path) if checkpoint_path is not None else None,
-                tokenizer_sha256=sha256_file(checkpoint_path) if checkpoint_path and checkpoint_path.is_file() else None,
-                tokenizer_class=f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
-                factorization=factorization, image_size=image_size, crop_range=crops.crop_range,
-                crop_size=crops.crop_size, ten_crop=ten_crop, flips=flips,
-                dataset_source=str(getattr(dataset, "source", type(dataset).__name__)),
-                class_names=[str(c) for c in (getattr(dataset, "classes", None) or [])], skipped=skipped)
+            manifest = writer.commit(grid=grid, augmentations=crops.names, factorization=factorization,
+                                     image_size=image_size, crop_range=crops.crop_range, crop_size=crops.crop_size,
+                                     ten_crop=ten_crop, flips=flips, skipped=skipped,
+                                     **_provenance(tokenizer, tokenizer_checkpoint, dataset))
             writer = None
             ctx.tracker.log_metrics({"extract/samples": manifest.num_samples, "extract/views": n_aug,
                                      "data/skipped": skipped})
@@ -272,6 +258,32 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
         num_samples, skipped = shared
         torch.distributed.barrier()
     return ExtractionResult(output_dir=out, num_samples=num_samples, n_aug=n_aug, skipped=skipped, manifest=manifest)
+
+
+def _token_grid(tokenizer: Any, image_size: int) -> tuple[int, int]:
+    """The (h, w) token grid of ``image_size`` images, after checking the tokenizer's contract."""
+    for attr in ("encode", "codebook_sizes", "downsample"):
+        if not hasattr(tokenizer, attr):
+            raise ConfigError(f"{type(tokenizer).__name__} is not a tokenizer: it lacks {attr!r} "
+                              "(arforge.interfaces.Tokenizer: encode(images) -> (B, L, S), codebook_sizes, downsample)")
+    if image_size % tokenizer.downsample:
+        raise ConfigError(f"image_size {image_size} is not a multiple of the tokenizer's downsample "
+                          f"factor {tokenizer.downsample}")
+    return image_size // tokenizer.downsample, image_size // tokenizer.downsample
+
+
+def _provenance(tokenizer: Any, checkpoint: str | os.PathLike | None, dataset: Any) -> dict[str, Any]:
+    """Manifest fields saying which tokenizer weights and which images produced the codes."""
+    if checkpoint is None:
+        checkpoint = getattr(tokenizer, "checkpoint_path", None)
+    path = Path(checkpoint).expanduser() if checkpoint is not None else None
+    return {
+        "tokenizer_checkpoint": str(path) if path is not None else None,
+        "tokenizer_sha256": sha256_file(path) if path is not None and path.is_file() else None,
+        "tokenizer_class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "dataset_source": str(getattr(dataset, "source", type(dataset).__name__)),
+        "class_names": [str(c) for c in (getattr(dataset, "classes", None) or [])],
+    }
 
 
 def _lockstep(loader: DataLoader, tokenizer: Any, device: torch.device, seq_len: int, distributed: bool,

@@ -308,7 +308,9 @@ class ImageShardsDataset(IterableDataset):
                                 "re-run tools/make_shards.py") from exc
         self.classes: list[str] = list(class_names if class_names is not None else self.info.get("class_names", []))
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.num_samples = num_samples if num_samples is not None else self.info.get("num_samples")
+        # The sidecar's count covers all the shards it lists; for a subset the length is unknown.
+        whole = sorted(Path(u).name for u in self.urls) == sorted(self.info.get("shards", []))
+        self.num_samples = num_samples if num_samples is not None else (self.info.get("num_samples") if whole else None)
         self.image_size = image_size
         self.transform = resolve_transform(transform, image_size=image_size)
         self.shuffle_shards = shuffle_shards
@@ -318,6 +320,8 @@ class ImageShardsDataset(IterableDataset):
         self.epoch = 0
         self.skip_log = SkipLog()
         self.source = str(self.pattern)
+        self._open_url: str | None = None  # the shard being read, for error reports
+        self._failed_url: str | None = None  # the shard last counted as broken in this pass
 
     @property
     def shuffles(self) -> bool:
@@ -378,6 +382,7 @@ class ImageShardsDataset(IterableDataset):
                                       seed=_mix(self.seed, epoch, rank, worker)))
         yielded = 0
         before = self.skipped
+        self._open_url = self._failed_url = None
         for sample in wds.DataPipeline(*stages):
             item = self._decode(sample)
             if item is not None:
@@ -393,11 +398,10 @@ class ImageShardsDataset(IterableDataset):
         from webdataset.gopen import gopen
 
         for shard in shards:
-            url = shard["url"]
+            url = self._open_url = shard["url"]
             try:
                 stream = gopen(url)
             except Exception as exc:  # a shard that vanished or a failing pipe: skip it
-                exc.args = exc.args + (url,)
                 self._on_stream_error(exc)
                 continue
             try:
@@ -406,10 +410,16 @@ class ImageShardsDataset(IterableDataset):
                 stream.close()
 
     def _on_stream_error(self, exc: BaseException) -> bool:
-        """webdataset's handler for a shard that cannot be opened or read to its end: skip it."""
-        where = next((str(a) for a in reversed(exc.args) if isinstance(a, str) and a.endswith(".tar")), self.source)
-        self.skip_log.record(where, exc)
-        return True  # continue with the next member / shard
+        """webdataset's handler for a shard that cannot be opened or read to its end: skip the rest of it.
+
+        A truncated tar reaches this handler twice (from the member reader, then
+        from the shard reader); it is counted once per shard and pass.
+        """
+        url = self._open_url or self.source
+        if self._failed_url != url:
+            self._failed_url = url
+            self.skip_log.record(url, exc)
+        return True  # True: go on with the next shard (False would end the whole pass)
 
     def _decode(self, sample: dict[str, Any]) -> ImageSample | None:
         name = f"{sample.get('__url__', self.source)}:{sample.get('__key__', '?')}"

@@ -57,7 +57,7 @@ def _halve_while(image: Image.Image, short_target: int) -> Image.Image:
     large images; keeping it keeps pixels identical to upstream.
     """
     while min(*image.size) >= 2 * short_target:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
     return image
 
 
@@ -68,7 +68,7 @@ def _resize_short_side(image: Image.Image, short_target: int) -> Image.Image:
     to ``side * scale``, exactly as upstream, so sizes match bit for bit.
     """
     scale = short_target / min(*image.size)
-    return image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    return image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC)
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
@@ -130,7 +130,7 @@ class ADMTrainTransform:
         rng = self.rng or random
         image = random_crop_arr(image, self.image_size, self.min_crop_frac, self.max_crop_frac, rng=self.rng)
         if rng.random() < self.flip_prob:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image)
 
 
@@ -197,13 +197,35 @@ class ToTensorTransform:
 FIVE_CROP_NAMES: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
+def five_crop(image: Image.Image, size: int) -> list[Image.Image]:
+    """torchvision's ``five_crop`` (same order and offsets), without importing torchvision.
+
+    Top-left, top-right, bottom-left, bottom-right, then the centre crop at
+    (int(round((H - s) / 2)), int(round((W - s) / 2))), Python rounding as in
+    torchvision's ``center_crop``. Importing torchvision costs seconds per
+    process (it pulls in torch._dynamo), which every extraction rank and
+    DataLoader worker would pay; a test checks equality with torchvision.
+    """
+    width, height = image.size
+    if size > min(width, height):
+        raise ValueError(f"crop size {size} is larger than the image ({width}x{height})")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    corners = [(0, 0), (width - size, 0), (0, height - size), (width - size, height - size), (left, top)]
+    return [image.crop((x, y, x + size, y + size)) for x, y in corners]
+
+
+def ten_crop(image: Image.Image, size: int) -> list[Image.Image]:
+    """torchvision's ``ten_crop``: the five crops, then the five of the horizontally flipped image."""
+    return five_crop(image, size) + five_crop(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size)
+
+
 class ExtractionCrops:
     """The augmented views of code extraction (``tokenizers.md`` §7).
 
     - ``ten_crop=True``: center_crop_arr to int(S * crop_range) (422 for S = 384,
       crop_range 1.1), then torchvision TenCrop(S): top-left, top-right,
       bottom-left, bottom-right, centre, then the same five of the horizontally
-      flipped image (``flips=False`` keeps only the first five).
+      flipped image (``flips=False`` keeps only the first five); see :func:`ten_crop`.
     - ``ten_crop=False``: center_crop_arr(S) and its horizontal flip
       (``flips=False``: the centre crop only); ``crop_range`` is not used.
 
@@ -214,7 +236,7 @@ class ExtractionCrops:
                  flips: bool = True) -> None:
         if ten_crop and not crop_range >= 1.0:
             raise ConfigError(f"crop_range must be >= 1.0 (got {crop_range}): the ten crops of size "
-                             "image_size are cut from a center crop of int(image_size * crop_range)")
+                              "image_size are cut from a center crop of int(image_size * crop_range)")
         self.image_size = image_size
         self.ten_crop = ten_crop
         self.crop_range = crop_range if ten_crop else 1.0
@@ -232,12 +254,10 @@ class ExtractionCrops:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         base = center_crop_arr(image, self.crop_size)
         if self.ten_crop:
-            from torchvision.transforms import functional as TF
-
-            views: Sequence[Image.Image] = (TF.ten_crop(base, self.image_size) if self.flips
-                                            else TF.five_crop(base, self.image_size))
+            views: Sequence[Image.Image] = (ten_crop(base, self.image_size) if self.flips
+                                            else five_crop(base, self.image_size))
         else:
-            views = [base, base.transpose(Image.FLIP_LEFT_RIGHT)] if self.flips else [base]
+            views = [base, base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if self.flips else [base]
         return torch.stack([to_tensor(v) for v in views])  # (A, 3, S, S)
 
 

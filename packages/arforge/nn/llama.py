@@ -36,6 +36,7 @@ __all__ = [
     "TransformerBlock",
     "precompute_freqs_cis_2d",
     "subtoken_freqs_cis",
+    "RotaryTableMixin",
     "apply_rotary_emb",
     "LabelEmbedder",
     "BackboneStep",
@@ -60,9 +61,10 @@ def ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the gain (``ar_models.md`` §1.1)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5):
+    def __init__(self, *, dim: int, eps: float = 1e-5):
+        """dim: features normalised over the last axis; eps: ε (§1.1: 1e-5 in every family)."""
         super().__init__()
-        self.eps = eps  #: §1.1: 1e-5 in every family
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +78,12 @@ class FeedForward(nn.Module):
     """SwiGLU FFN ``w2(silu(w1 x) * w3 x)`` without biases, dropout after ``w2`` (§1.4)."""
 
     def __init__(self, *, dim: int, hidden_dim: int | None = None, dropout_p: float = 0.1):
+        """
+        Args:
+            dim: model width D.
+            hidden_dim: SwiGLU hidden size; None applies the §1.4 rule find_multiple(int(2·4D/3), 256).
+            dropout_p: FFN dropout after ``w2`` (§1.5: 0.1).
+        """
         super().__init__()
         hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim)  # §1.4 rule
         self.w1 = nn.Linear(dim, hidden, bias=False)
@@ -135,6 +143,21 @@ def subtoken_freqs_cis(*, n_slots: int, head_dim: int, base: float = 10000.0, cl
     table = precompute_freqs_cis_2d(grid_size=max(n_slots, 2), head_dim=head_dim, base=base, cls_token_num=1,
                                     cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
     return table[:n_slots].clone()  # (n_slots, hd/2, 2)
+
+
+class RotaryTableMixin:
+    """Keeps a module's ``freqs_cis`` buffer in fp32 when the module is cast.
+
+    Upstream keeps the table a plain fp32 attribute, so casting the GPT to bf16
+    for sampling (§9.3.7) leaves the angles exact; a buffer would be cast too.
+    The module rebuilds the table (``_table()``) whenever a cast changed its dtype.
+    """
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:
+            self.freqs_cis = self._table().to(self.freqs_cis.device)
+        return out
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -211,6 +234,14 @@ class Attention(nn.Module):
 
     def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None,
                  attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1):
+        """
+        Args:
+            dim: model width D (§3 tables).
+            n_head: query heads H; hd = D / H (§3 tables).
+            n_kv_head: key/value heads (None = H, plain MHA as in every release, §1.3).
+            attn_dropout_p: attention-probability dropout (§1.5: 0).
+            resid_dropout_p: dropout after ``wo`` (§1.5: 0.1).
+        """
         super().__init__()
         if dim % n_head:
             raise ValueError(f"width {dim} is not divisible by {n_head} heads")
@@ -308,12 +339,19 @@ class TransformerBlock(nn.Module):
     def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None, ffn_hidden: int | None = None,
                  norm_eps: float = 1e-5, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1,
                  ffn_dropout_p: float = 0.1):
+        """
+        Args:
+            dim, n_head, n_kv_head: see :class:`Attention` (§1.3).
+            ffn_hidden: SwiGLU hidden size (None = the §1.4 rule).
+            norm_eps: RMSNorm ε (§1.1: 1e-5).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0, 0.1, 0.1).
+        """
         super().__init__()
         self.attention = Attention(dim=dim, n_head=n_head, n_kv_head=n_kv_head,
                                    attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p)
         self.feed_forward = FeedForward(dim=dim, hidden_dim=ffn_hidden, dropout_p=ffn_dropout_p)
-        self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+        self.attention_norm = RMSNorm(dim=dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim=dim, eps=norm_eps)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis)
@@ -336,9 +374,15 @@ class LabelEmbedder(nn.Module):
     """
 
     def __init__(self, *, num_classes: int = 1000, dim: int, dropout_p: float = 0.1):
+        """
+        Args:
+            num_classes: real classes (§4: 1000 ImageNet classes); the table has one more row.
+            dim: model width D.
+            dropout_p: probability of replacing a label by the null class in training (§4, §1.5: 0.1).
+        """
         super().__init__()
-        self.num_classes = num_classes  #: §4: 1000 ImageNet classes
-        self.dropout_p = dropout_p  #: §4/§1.5: labels replaced by the null class w.p. 0.1 in training
+        self.num_classes = num_classes
+        self.dropout_p = dropout_p
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     @property
@@ -368,7 +412,7 @@ class BackboneStep(NamedTuple):
     attn_cls: torch.Tensor | None  #: (B,) last layer's head-averaged attention to key 0, when asked
 
 
-class LlamaBackbone(nn.Module):
+class LlamaBackbone(RotaryTableMixin, nn.Module):
     """The Llama-style decoder stack over input embeddings (``ar_models.md`` §1, §2, §8).
 
     Input: [cls, e_0 … e_{L-2}] as embeddings (B, T, D), built by the caller.
@@ -384,6 +428,22 @@ class LlamaBackbone(nn.Module):
                  resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, rope_base: float = 10000.0,
                  cls_zero_rotation: bool = True, rope_repeat_interleave: bool = False,
                  final_norm: bool = False):
+        """
+        Args:
+            dim, n_layer, n_head: width, blocks and heads (§3 tables).
+            n_kv_head: key/value heads (None = n_head; the KV cache is sized with it, pitfall D8).
+            block_size: tokens per image L = g² (§3: 256 or 576); sets the RoPE grid and S_max.
+            cls_token_num: class slots before the tokens (§2.1: 1).
+            ffn_hidden: SwiGLU hidden size (None = the §1.4 rule).
+            norm_eps: RMSNorm ε (§1.1: 1e-5).
+            token_dropout_p: dropout on the whole input sequence, class slot included (§1.5: 0.1).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0, 0.1, 0.1).
+            rope_base: RoPE base (§2.1: 10000).
+            cls_zero_rotation: §2.4 quirk, class rows (cos, sin) = (0, 0); on for every official checkpoint.
+            rope_repeat_interleave: §2.5 IAR2 quirk, token t rotated by cell ⌊t/2⌋.
+            final_norm: an RMSNorm ``norm`` after the blocks (off for the released families, whose
+                final norm lives in the head or does not exist, §5).
+        """
         super().__init__()
         grid = int(round(block_size ** 0.5))
         if grid * grid != block_size:
@@ -393,20 +453,20 @@ class LlamaBackbone(nn.Module):
         self.n_head = n_head
         self.n_kv_head = n_kv_head if n_kv_head is not None else n_head
         self.head_dim = dim // n_head
-        self.block_size = block_size  #: L = g*g tokens (§3: 256 at 256 px, 576 at 384 px)
+        self.block_size = block_size
         self.grid_size = grid
-        self.cls_token_num = cls_token_num  #: 1 in every family here
+        self.cls_token_num = cls_token_num
         self.rope_base = rope_base
-        self.cls_zero_rotation = cls_zero_rotation  #: §2.4 quirk, upstream default on
-        self.rope_repeat_interleave = rope_repeat_interleave  #: §2.5 IAR2 quirk
-        self.tok_dropout = nn.Dropout(token_dropout_p)  #: §1.5: 0.1
+        self.cls_zero_rotation = cls_zero_rotation
+        self.rope_repeat_interleave = rope_repeat_interleave
+        self.tok_dropout = nn.Dropout(token_dropout_p)
         self.layers = nn.ModuleList([
             TransformerBlock(dim=dim, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=ffn_hidden,
                              norm_eps=norm_eps, attn_dropout_p=attn_dropout_p,
                              resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p)
             for _ in range(n_layer)
         ])
-        self.norm = RMSNorm(dim, eps=norm_eps) if final_norm else None
+        self.norm = RMSNorm(dim=dim, eps=norm_eps) if final_norm else None
         self.register_buffer("freqs_cis", self._table(), persistent=False)
 
     def _table(self) -> torch.Tensor:

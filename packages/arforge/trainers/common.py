@@ -253,6 +253,8 @@ class InfiniteLoader:
 
     def _open(self) -> None:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.batch_size)
+        if hasattr(self.dataset, "set_epoch"):  # e.g. token codes pick their ten-crop view per epoch
+            self.dataset.set_epoch(self.epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
             num_workers=self.num_workers, collate_fn=self.collate_fn,
