@@ -20,6 +20,16 @@ from arforge.nn.llama import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP barriers can stall every small op for a scheduler time slice."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _backbone(**kw) -> LlamaBackbone:
     torch.manual_seed(0)
     args = dict(dim=32, n_layer=2, n_head=4, block_size=16)

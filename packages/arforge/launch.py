@@ -150,9 +150,11 @@ def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *
     reg.load_plugins()
     if clear:
         gin.clear_config()
+    # The search path is per launch and ordered: the file's own folder first, then
+    # $ARFORGE_GIN_PATH, then the repo's gin/ (gin keeps a global list: reset it).
+    gin.config._LOCATION_PREFIXES[:] = [""]  # noqa: SLF001
     for p in gin_search_paths(config_file):
-        if str(p) not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001
-            gin.add_config_file_search_path(str(p))
+        gin.add_config_file_search_path(str(p))
     files = []
     if config_file is not None:
         path = Path(config_file)
@@ -217,10 +219,20 @@ class RunContext:
     resume: bool = False
     config_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reporter: Callable[[str, float, int], None] | None = None
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def report(self, metric: str, value: float, step: int) -> None:
+        """Report an intermediate objective value (multi-fidelity studies).
+
+        Inside an Optuna trial this records ``value`` at ``step`` and may raise
+        ``optuna.TrialPruned``; outside a study it does nothing.
+        """
+        if self.reporter is not None:
+            self.reporter(metric, float(value), int(step))
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -309,7 +321,9 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
             except Exception:
                 run_id = None
         if run_id is None:
-            run = mlflow.tracking.MlflowClient().create_run(exp_id, run_name=run_name)
+            parent = _CURRENT.get("parent_run_id")
+            run = mlflow.tracking.MlflowClient().create_run(
+                exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent} if parent else None)
             run_id = run.info.run_id
             resuming = resuming and False
         else:
@@ -343,7 +357,7 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         out = obj[0]
     ctx = RunContext(experiment=experiment, run_name=run_name, output_dir=out, tracker=tracker,
                      device=torch_device, precision=prec, seed=seed, dist=dist, resume=resuming,
-                     config_file=_CURRENT.get("config_file"))
+                     config_file=_CURRENT.get("config_file"), reporter=_CURRENT.get("reporter"))
     status = "FAILED"
     try:
         result = job(ctx)
@@ -367,11 +381,19 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         _CURRENT["last_output_dir"] = out
 
 
-def run_file(config_file: str | os.PathLike | None, bindings: Sequence[str] = ()) -> Any:
-    """Parse and run a launch file. Raises :class:`ConfigError` for gin mistakes."""
+def run_file(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *,
+             parent_run_id: str | None = None,
+             reporter: Callable[[str, float, int], None] | None = None) -> Any:
+    """Parse and run a launch file. Raises :class:`ConfigError` for gin mistakes.
+
+    ``parent_run_id`` nests the MLflow run (a study trial, a pipeline stage);
+    ``reporter`` receives intermediate values reported with ``ctx.report``.
+    """
     parse(config_file, bindings)
     _CURRENT.clear()
     _CURRENT["config_file"] = str(Path(config_file).resolve()) if config_file else None
+    _CURRENT["parent_run_id"] = parent_run_id
+    _CURRENT["reporter"] = reporter
     try:
         return launch()
     except ArforgeError:

@@ -34,6 +34,7 @@ KINDS: dict[str, str] = {
     "factorizations": "how a token splits into sub-tokens and how their embeddings combine",
     "heads": "AR output heads (linear, next-sub-token, semantic-detail local)",
     "backbones": "AR sequence backbones (Llama-style decoder)",
+    "models": "complete AR models: presets over ARModel for each family",
     "samplers": "guided sampling schedules (constant, interval, linear, adaptive CFG)",
     "evaluators": "metrics over samples or reconstructions (FID, IS, PSNR, ...)",
     "feature_extractors": "networks whose features the evaluators compare",
