@@ -63,6 +63,9 @@ class LocalContext:
         if self.is_main:
             print(f"[{self.run_name}] {msg}", flush=True)
 
+    def report(self, metric: str, value: float, step: int) -> None:
+        """Intermediate values only matter inside a study; a local call drops them."""
+
 
 def local_context(output_dir: str | os.PathLike = ".", *, device: str = "cpu", seed: int = 0,
                   tracker: Any = None, run_name: str = "local") -> LocalContext:

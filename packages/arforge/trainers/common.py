@@ -349,10 +349,10 @@ class TrainLoop:
         if torch.isfinite(loss.detach()).all():
             return
         last = ck.latest_checkpoint(self.checkpoint_dir)
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (parts or {}).items())
+        detail = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in (parts or {}).items())
         self.ctx.tracker.set_tags({"arforge.stopped": f"non-finite loss at step {self.step}"})
         raise NonFiniteLossError(
-            f"the loss became {float(loss)} at step {self.step + 1} ({detail}); the run stopped without "
+            f"the loss became {float(loss.detach())} at step {self.step + 1} ({detail}); the run stopped without "
             f"saving. Last good checkpoint: {last or 'none yet'}. Lower the learning rate or use "
             "bf16/fp32, then resume with the same command.")
 

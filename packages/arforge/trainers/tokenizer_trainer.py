@@ -305,7 +305,7 @@ def train_tokenizer(
             metrics.update({f"train/{k}": float(v) for k, v in g.stats.items()})
             if d is not None:
                 metrics.update({f"train/{k}": float(v) for k, v in d.detached().items() if k != "loss"})
-                metrics["train/disc_loss"] = float(d.total)
+                metrics["train/disc_loss"] = float(d.total.detach())
             metrics["train/lr"] = optimizers[next(iter(groups))].param_groups[0]["lr"]
             metrics["train/images_per_s"] = images_since / max(now - t_last, 1e-9)
             metrics["data/skipped"] = _skipped(dataset)
