@@ -332,13 +332,14 @@ class TrainLoop:
         return True
 
     def save(self) -> Path | None:
-        if not self.ctx.is_main:
-            return None
+        # Every rank gathers the state (FSDP full state dicts are collectives); rank 0 writes.
         weights = {name: (_unwrap(obj).state_dict() if isinstance(obj, nn.Module) else obj.state_dict())
                    for name, obj in self.weights.items()}
         state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "extra": {n: o.state_dict() for n, o in self.extra.items()},
                  "rng": rng_state(), "step": self.step}
+        if not self.ctx.is_main:
+            return None
         if self.loader is not None:
             state["loader"] = self.loader.state()
         return ck.save_checkpoint(self.checkpoint_dir, self.step, weights, state,

@@ -1,0 +1,263 @@
+"""The AR trainer (``jobs.train_ar``): class-conditional next-token training on extracted codes.
+
+``shared/specs/ar_models.md`` §6-7: AdamW with betas (0.9, 0.95) and decay only
+on tensors with >= 2 dims (norm gains and biases never decayed; IAR2's
+name-based rule is a parity option), gradient clipping at 1.0, bf16/fp16
+autocast, gradient accumulation, optional EMA, and the LR schedules of the
+three families (constant; IAR2's per-step cosine; Open-MAGVIT2's
+warm-up/hold/linear). Parallelism: DDP or FSDP (``torch.distributed.fsdp.fully_shard``)
+under torchrun. The loss is the weighted sum of the sub-token cross-entropies
+(IAR2's w1 weights the semantic sub-token), with IAR's cluster-oriented loss
+when the model has a cluster size. Checkpoints are written atomically with
+full (unsharded) weights, resume is exact, and a NaN loss stops the run with
+the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from arforge.ar_model import subtoken_loss
+from arforge.errors import ArforgeError
+from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, _unwrap, param_groups, set_lr
+
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+def _collate_codes(batch):
+    codes = torch.stack([torch.as_tensor(b[0]) for b in batch]).long()  # (B, L, S)
+    labels = torch.as_tensor([int(b[1]) for b in batch])
+    return codes, labels
+
+
+def check_dataset_fits(model: nn.Module, dataset) -> None:
+    """Codes must fit the factorization's codebook and the model's sequence length."""
+    fac = _unwrap(model).factorization
+    if hasattr(dataset, "check_vocab"):
+        dataset.check_vocab(tuple(fac.codebook_sizes))
+    sample = dataset[0]
+    codes = torch.as_tensor(sample[0])
+    if codes.dim() != 2:
+        raise ArforgeError(f"the AR dataset yields codes of shape {tuple(codes.shape)}; expected (L, S)")
+    length, comps = codes.shape
+    if comps != len(fac.codebook_sizes):
+        raise ArforgeError(
+            f"the codes have {comps} id component(s) per token but the factorization "
+            f"{type(fac).__name__} expects {len(fac.codebook_sizes)} (codebook sizes {tuple(fac.codebook_sizes)}): "
+            "extract the codes with a matching tokenizer or choose another factorization")
+    block = _unwrap(model).block_size
+    if length != block:
+        raise ArforgeError(f"the codes hold {length} tokens per image but the model's block_size is {block}: "
+                           "set the model's block_size to the tokenizer's grid (h*w)")
+
+
+def _wrap(model: nn.Module, parallel: str, ctx) -> nn.Module:
+    if not ctx.dist.enabled or parallel == "none":
+        return model
+    if parallel in ("ddp", "auto"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=ctx.precision.dtype if ctx.precision.name != "fp32" else None,
+                              reduce_dtype=torch.float32)
+    inner = _unwrap(model)
+    blocks = list(getattr(inner.backbone, "layers", []))
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(inner, mp_policy=mp)
+    return inner
+
+
+def _full_state(model: nn.Module, parallel: str, ctx) -> dict[str, torch.Tensor]:
+    if ctx.dist.enabled and parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _unwrap(model).state_dict()
+
+
+class _FSDPModelState:
+    """Adapts an FSDP-sharded model to TrainLoop's state_dict/load_state_dict protocol with full tensors."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, sd) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+class _FSDPOptimState:
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+        self.model, self.opt = model, opt
+
+    def state_dict(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state_dict(self, sd) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.opt, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def train_ar(
+    ctx,
+    *,
+    model: nn.Module,
+    dataset,
+    steps: int,
+    batch_size: int,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.05,
+    decay_rule: str = "ndim",
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
+    end_factor: float = 0.0,
+    grad_clip: float | None = 1.0,
+    grad_accum: int = 1,
+    loss_weights: Sequence[float] | None = None,
+    ema_decay: float | None = None,
+    parallel: str = "auto",
+    save_every: int = 0,
+    keep_last: int = 2,
+    log_every: int = 10,
+    num_workers: int = 0,
+    log_checkpoint: bool = True,
+) -> dict[str, float]:
+    """Train a class-conditional AR model on token codes.
+
+    Args:
+        model: an ``ARModel`` (e.g. ``@models.llamagen_gpt()``).
+        dataset: token codes, items ``(codes (L, S), label)`` (``@datasets.token_codes()``).
+        steps: optimizer steps.
+        batch_size: per-rank micro-batch; global batch = batch_size x grad_accum x world size.
+        lr / betas / weight_decay: AdamW (ar_models.md §7: 1e-4, (0.9, 0.95), 0.05).
+        decay_rule: ``ndim`` (no decay on norms/biases) or ``name_norm`` (IAR2 FSDP parity).
+        lr_schedule: ``constant`` (LlamaGen), ``cosine`` (IAR2; ``end_factor`` = final/peak, e.g. 1/3),
+            ``warmup_hold_linear`` (Open-MAGVIT2; ``warmup_steps`` = 6 or 7 epochs of iterations).
+        grad_clip: max gradient norm (1.0 in every family).
+        grad_accum: micro-batches per optimizer step.
+        loss_weights: per-sub-token CE weights (IAR2 ``--w1`` = (w1, 1.0)); default: the model's.
+        ema_decay: EMA of the weights (0.9999 optional in LlamaGen/IAR2); None = off.
+        parallel: ``auto`` (DDP under torchrun), ``ddp``, ``fsdp`` or ``none``.
+        save_every / keep_last / log_every: checkpoint and logging periods (optimizer steps).
+        log_checkpoint: log the final checkpoint folder as an MLflow artifact.
+    """
+    if parallel not in PARALLEL:
+        raise ArforgeError(f"jobs.train_ar.parallel must be one of {PARALLEL}, not {parallel!r}")
+    if grad_accum < 1:
+        raise ArforgeError(f"jobs.train_ar.grad_accum must be >= 1, not {grad_accum}")
+    device = ctx.device
+    check_dataset_fits(model, dataset)
+    model = model.to(device)
+    inner = model
+    fac = inner.factorization
+    wrapped = _wrap(model, parallel, ctx)
+    fsdp = ctx.dist.enabled and parallel == "fsdp"
+    opt = torch.optim.AdamW(param_groups(inner, weight_decay=weight_decay, rule=decay_rule), lr=lr, betas=betas,
+                            fused=device.type == "cuda")
+    schedule = Schedule(kind=lr_schedule, total_steps=steps, warmup_steps=warmup_steps, end_factor=end_factor)
+    scaler = ctx.precision.grad_scaler(device)
+    ema = EMA(inner, decay=ema_decay) if ema_decay and not fsdp else None
+    if ema_decay and fsdp:
+        raise ArforgeError("EMA with FSDP is not supported: the IAR2/LlamaGen FSDP recipes use no EMA")
+    loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
+                            world_size=ctx.dist.world_size, num_workers=num_workers, collate_fn=_collate_codes)
+    weights: dict[str, Any] = {"model": _FSDPModelState(wrapped) if fsdp else inner}
+    if ema is not None:
+        weights["ema"] = ema.model
+    optimizers: dict[str, Any] = {"opt": _FSDPOptimState(wrapped, opt) if fsdp else opt}
+    loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=optimizers,
+                     extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
+                     save_every=save_every, keep_last=keep_last, log_every=log_every,
+                     config={"job": "train_ar", "codebook_sizes": list(fac.codebook_sizes),
+                             "vocab_sizes": list(fac.vocab_sizes), "block_size": inner.block_size,
+                             "num_params": inner.num_params()})
+    loop.maybe_resume()
+    names = list(getattr(inner, "subtoken_names", [str(k) for k in range(len(fac.vocab_sizes))]))
+    weights_k = list(loss_weights) if loss_weights is not None else getattr(inner, "loss_weights", None)
+    if ctx.is_main and loop.step == 0:
+        ctx.tracker.log_metrics({"model/params": float(inner.num_params())}, step=0)
+    wrapped.train()
+    bar = loop.progress()
+    t_last, tokens_since = time.time(), 0
+    last: dict[str, float] = {}
+    while loop.step < steps:
+        set_lr(opt, lr * schedule(loop.step))
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(grad_accum):
+            codes, labels = next(loader)
+            codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            sub = fac.split(codes)  # (B, L, S) -> (B, L, K)
+            sync = micro == grad_accum - 1 or not hasattr(wrapped, "no_sync")
+            ctx_sync = wrapped.no_sync() if not sync else _nullcontext()
+            with ctx_sync, ctx.precision.autocast(device):
+                out = wrapped(sub, labels)
+                lb = subtoken_loss(out.logits, sub, weights=weights_k, names=names,
+                                   cluster_size=getattr(inner, "cluster_size", None),
+                                   cluster_weight=getattr(inner, "cluster_loss_weight", 1.0))
+            loop.check_finite(lb.total, lb.parts)
+            scaler.scale(lb.total / grad_accum).backward()
+            for k, v in lb.detached().items():
+                sums[k] = sums.get(k, 0.0) + v / grad_accum
+            tokens_since += sub.shape[0] * sub.shape[1] * ctx.dist.world_size
+        scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), grad_clip) if grad_clip else None
+        scaler.step(opt)
+        scaler.update()
+        if ema is not None:
+            ema.update(inner)
+        loop.step += 1
+        bar.update(1)
+        if loop.step % log_every == 0 or loop.step == steps:
+            now = time.time()
+            if ctx.dist.enabled:  # log the global-batch loss, not rank 0's share
+                keys = sorted(sums)
+                vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(vec)
+                sums = {k: float(v) / ctx.dist.world_size for k, v in zip(keys, vec.tolist())}
+            last = {f"train/{k}": v for k, v in sums.items()}
+            last["train/lr"] = opt.param_groups[0]["lr"]
+            last["train/tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            if gnorm is not None:
+                last["train/grad_norm"] = float(gnorm)
+            last["data/skipped"] = float(getattr(dataset, "skipped", 0) or 0)
+            t_last, tokens_since = now, 0
+            ctx.tracker.log_metrics(last, step=loop.step)
+            ctx.report("loss", last["train/loss"], loop.step)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+        if loop.should_save():
+            loop.save()
+    bar.close()
+    final = loop.save()
+    if ctx.is_main and final is not None:
+        if log_checkpoint:
+            ctx.tracker.log_artifact(final, "checkpoint")
+        ctx.extra["checkpoint"] = str(final)
+    return {k.removeprefix("train/"): v for k, v in last.items()}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,293 @@
+"""The AR trainer: registry-wide contract over quantizer x factorization x head, learning on
+digits codes, two-process DDP equivalence, exact resume and clear errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from arforge import checkpoint as ck
+from arforge import registry as reg
+from arforge.ar_model import ARModel
+from arforge.data.extraction import local_context
+from arforge.errors import ArforgeError
+from arforge.nn.llama import LlamaBackbone
+from arforge.trainers.ar_trainer import train_ar
+
+GRID = 4  # 4 x 4 tokens keep every combination cheap
+DIM, HEADS = 32, 4
+
+#: tiny constructor arguments per registered plugin (third-party plugins without an entry are skipped)
+QUANTIZER_ARGS = {"vq": dict(codebook_size=32, dim=8), "lfq": dict(bits=10),
+                  "semantic_detail": dict(semantic_codebook_size=8, detail_codebook_size=16, dim=8)}
+
+
+def factorization_args(name, codebook_sizes):
+    if name == "identity" and len(codebook_sizes) == 1:
+        return dict(codebook_size=codebook_sizes[0])
+    if name == "bit_split" and len(codebook_sizes) == 1 and codebook_sizes[0] & (codebook_sizes[0] - 1) == 0:
+        bits = codebook_sizes[0].bit_length() - 1
+        return dict(bits=(bits // 2, bits - bits // 2))
+    if name == "semantic_detail" and len(codebook_sizes) == 2:
+        return dict(semantic_size=codebook_sizes[0], detail_size=codebook_sizes[1])
+    return None
+
+
+def head_args(name, vocab_sizes):
+    if name == "linear" and len(vocab_sizes) == 1:
+        return dict(dim=DIM, vocab_size=vocab_sizes[0])
+    if name == "next_subtoken" and len(vocab_sizes) == 2:
+        return dict(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=vocab_sizes)
+    if name == "semantic_detail_local" and len(vocab_sizes) == 2:
+        return dict(dim=DIM, n_head=HEADS, grid_size=GRID, n_layer=1, vocab_sizes=vocab_sizes,
+                    rope_repeat_interleave=False)
+    return None
+
+
+def build_model(fac, head, *, dropout=0.1, num_classes=10):
+    backbone = LlamaBackbone(dim=DIM, n_layer=2, n_head=HEADS, block_size=GRID * GRID, token_dropout_p=dropout,
+                             resid_dropout_p=dropout, ffn_dropout_p=dropout, final_norm=False)
+    return ARModel(factorization=fac, backbone=backbone, head=head, num_classes=num_classes,
+                   class_dropout_p=0.1 if dropout else 0.0)
+
+
+class CodesDataset(torch.utils.data.Dataset):
+    def __init__(self, codes, labels):
+        self.codes, self.labels = codes, labels
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        return self.codes[i], int(self.labels[i])
+
+
+def _combinations():
+    r = reg.load_plugins()
+    combos = []
+    for q in r.names("quantizers"):
+        if q not in QUANTIZER_ARGS:
+            continue
+        quant = r.get("quantizers", q)(**QUANTIZER_ARGS[q])
+        for f in r.names("factorizations"):
+            fargs = factorization_args(f, tuple(quant.codebook_sizes))
+            if fargs is None:
+                continue
+            fac = r.get("factorizations", f)(**fargs)
+            for h in r.names("heads"):
+                if head_args(h, tuple(fac.vocab_sizes)) is not None:
+                    combos.append((q, f, h))
+    return combos
+
+
+COMBOS = _combinations()
+
+
+def test_contract_covers_the_published_and_new_combinations():
+    assert ("vq", "identity", "linear") in COMBOS  # LlamaGen
+    assert ("lfq", "bit_split", "next_subtoken") in COMBOS  # Open-MAGVIT2
+    assert ("semantic_detail", "semantic_detail", "semantic_detail_local") in COMBOS  # IAR2
+    assert ("lfq", "bit_split", "semantic_detail_local") in COMBOS  # no paper shipped this one
+    assert len(COMBOS) >= 6
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_every_compatible_combination_builds_and_trains(combo, tmp_path):
+    q, f, h = combo
+    r = reg.registry()
+    torch.manual_seed(0)
+    quant = r.get("quantizers", q)(**QUANTIZER_ARGS[q])
+    feats = torch.randn(12, quant.dim, GRID, GRID)
+    with torch.no_grad():
+        codes = quant.eval().encode(feats)  # (12, 16, S): real codes from the quantizer
+    fac = r.get("factorizations", f)(**factorization_args(f, tuple(quant.codebook_sizes)))
+    head = r.get("heads", h)(**head_args(h, tuple(fac.vocab_sizes)))
+    model = build_model(fac, head)
+    data = CodesDataset(codes, torch.arange(12) % 10)
+    res = train_ar(local_context(tmp_path), model=model, dataset=data, steps=3, batch_size=4, lr=1e-3,
+                   log_every=1, log_checkpoint=False)
+    assert math.isfinite(res["loss"])
+    assert {k for k in res if k.startswith("ce_")}, res
+    sd = ck.load_checkpoint(tmp_path / "checkpoints").weights["model"]
+    assert sd.keys() == model.state_dict().keys()
+
+
+def _digits_codes(tmp_path):
+    from arforge.data.digits import DigitsDataset
+    from arforge.data.extraction import extract_codes
+    from arforge.data.token_codes import TokenCodeDataset
+    from arforge.trainers.tokenizer_trainer import train_tokenizer
+    from arforge_plugins.llamagen_vq import llamagen_vq_tokenizer
+    from arforge_plugins.tokenizer_losses import tokenizer_loss
+    from arforge_plugins.vector_quantization import VectorQuantizer
+
+    torch.manual_seed(0)
+    tok = llamagen_vq_tokenizer(quantizer=VectorQuantizer(codebook_size=32, dim=8), preset="tiny")
+    train = DigitsDataset(split="train", image_size=8)
+    train_tokenizer(local_context(tmp_path / "tok"), tokenizer=tok,
+                    loss=tokenizer_loss(recipe="llamagen", lpips_weight=0, gen_weight=0, disc_weight=0),
+                    dataset=train, steps=40, batch_size=16, lr=2e-3, log_checkpoint=False)
+    res = extract_codes(local_context(tmp_path / "x"), tokenizer=tok,
+                        dataset=DigitsDataset(split="train", image_size=8, transform="to_tensor"),
+                        output_dir=tmp_path / "codes", ten_crop=False, flips=False, image_size=8, batch_size=64,
+                        progress=False)
+    return TokenCodeDataset(root=res.output_dir)
+
+
+def test_tiny_model_beats_unigram_entropy_on_digits_codes(tmp_path):
+    from arforge_plugins.linear_head import LinearHead
+    from arforge_plugins.token_factorizations import IdentityFactorization
+
+    data = _digits_codes(tmp_path)
+    codes = torch.stack([torch.as_tensor(data[i][0]) for i in range(len(data))])[..., 0]  # (N, 16)
+    counts = torch.bincount(codes.reshape(-1), minlength=32).double()
+    p = counts / counts.sum()
+    unigram = float(-(p[p > 0] * p[p > 0].log()).sum())
+    torch.manual_seed(0)
+    model = build_model(IdentityFactorization(codebook_size=32), LinearHead(dim=DIM, vocab_size=32), dropout=0.0)
+    train_ar(local_context(tmp_path / "ar"), model=model, dataset=data, steps=150, batch_size=32, lr=3e-3,
+             log_every=50, log_checkpoint=False)
+    model.eval()
+    with torch.no_grad():
+        labels = torch.as_tensor([data[i][1] for i in range(len(data))])
+        loss = float(model.loss(codes[..., None], labels).total)
+    assert unigram > 0.5  # the codes are not trivially constant
+    assert loss < 0.6 * unigram, (loss, unigram)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_lfq_model():
+    from arforge_plugins.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.token_factorizations import BitSplitFactorization
+
+    torch.manual_seed(0)
+    fac = BitSplitFactorization(bits=(3, 5))
+    model = build_model(fac, NextSubtokenHead(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=fac.vocab_sizes,
+                                              resid_dropout_p=0.0, ffn_dropout_p=0.0), dropout=0.0)
+    # No zero-initialised output layers: the first loss must depend on the data (not be ln V), and Adam
+    # divides by sqrt(v), so near-zero gradients would turn float re-association noise (one process vs
+    # an all-reduce of two) into full-size updates.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _fixed_data():
+    g = torch.Generator().manual_seed(5)
+    return CodesDataset(torch.randint(0, 256, (32, GRID * GRID, 1), generator=g), torch.arange(32) % 10)
+
+
+class LossTracker:
+    def __init__(self):
+        self.losses = []
+
+    def log_metrics(self, m, step=None):
+        if "train/loss" in m:
+            self.losses.append(m["train/loss"])
+
+    def set_tags(self, t):
+        pass
+
+
+def _ddp_worker(rank, world, port, out, parallel):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tracker = LossTracker()
+        ctx = local_context(out, tracker=tracker)
+        train_ar(ctx, model=_tiny_lfq_model(), dataset=_fixed_data(), steps=4, batch_size=4, lr=1e-3,
+                 log_every=1, parallel=parallel, log_checkpoint=False)
+        if rank == 0:
+            torch.save(tracker.losses, os.path.join(out, "losses.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_matches_one_process_with_same_global_batch(tmp_path, parallel):
+    single = LossTracker()
+    train_ar(local_context(tmp_path / "one", tracker=single), model=_tiny_lfq_model(), dataset=_fixed_data(),
+             steps=4, batch_size=8, lr=1e-3, log_every=1, log_checkpoint=False)
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), parallel), nprocs=2, join=True)
+    two = torch.load(out / "losses.pt")
+    assert len(two) == len(single.losses) == 4
+    # Step 1 checks the data split (the two rank batches make the one-process batch), later steps
+    # the gradient all-reduce.
+    assert two == pytest.approx(single.losses, rel=1e-5)
+    w1 = ck.load_checkpoint(tmp_path / "one" / "checkpoints").weights["model"]
+    w2 = ck.load_checkpoint(out / "checkpoints").weights["model"]
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def _dropout_model():
+    from arforge_plugins.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.token_factorizations import BitSplitFactorization
+
+    torch.manual_seed(0)
+    fac = BitSplitFactorization(bits=(3, 5))
+    return build_model(fac, NextSubtokenHead(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=fac.vocab_sizes))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+    from arforge.trainers import common
+
+    # Dropout, label dropout, EMA and a cosine schedule all have to line up after the resume.
+    kwargs = dict(dataset=_fixed_data(), steps=10, batch_size=4, lr=1e-3, ema_decay=0.9, lr_schedule="cosine",
+                  end_factor=0.1, save_every=4, log_checkpoint=False)
+    train_ar(local_context(tmp_path / "full"), model=_dropout_model(), **kwargs)
+    full = ck.load_checkpoint(tmp_path / "full" / "checkpoints")
+
+    real_save = common.TrainLoop.save
+
+    def save_then_die(self):
+        path = real_save(self)
+        if self.step == 8:
+            raise Killed()  # the process dies right after its step-8 checkpoint
+        return path
+
+    monkeypatch.setattr(common.TrainLoop, "save", save_then_die)
+    with pytest.raises(Killed):
+        train_ar(local_context(tmp_path / "part"), model=_dropout_model(), **kwargs)
+    monkeypatch.undo()
+    torch.manual_seed(999)  # the new process starts from another RNG state
+    train_ar(local_context(tmp_path / "part"), model=_dropout_model(), **kwargs)
+    resumed = ck.load_checkpoint(tmp_path / "part" / "checkpoints")
+    assert resumed.step == full.step == 10
+    for name in ("model", "ema"):
+        for k, v in full.weights[name].items():
+            assert torch.equal(v, resumed.weights[name][k]), (name, k)
+
+
+def test_codes_that_do_not_fit_are_clear_errors(tmp_path):
+    from arforge_plugins.linear_head import LinearHead
+    from arforge_plugins.token_factorizations import IdentityFactorization
+
+    model = build_model(IdentityFactorization(codebook_size=32), LinearHead(dim=DIM, vocab_size=32))
+    pairs = CodesDataset(torch.zeros(8, GRID * GRID, 2, dtype=torch.long), torch.zeros(8))
+    with pytest.raises(ArforgeError, match="2 id component"):
+        train_ar(local_context(tmp_path), model=model, dataset=pairs, steps=1, batch_size=4)
+    short = CodesDataset(torch.zeros(8, 9, 1, dtype=torch.long), torch.zeros(8))
+    with pytest.raises(ArforgeError, match="block_size is 16"):
+        train_ar(local_context(tmp_path), model=model, dataset=short, steps=1, batch_size=4)

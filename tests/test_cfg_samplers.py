@@ -1,0 +1,175 @@
+"""CFG samplers: guidance decisions, schedules, LlamaGen's cfg_interval mapping, IAR2's adaptive CFG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arforge.ar_model import DecodeInfo
+from arforge.errors import ConfigError
+from arforge.generation import generate
+from arforge_plugins.cfg_samplers import (AdaptiveAttentionCFG, ConstantCFG, IntervalCFG, LinearCFG,
+                                          progress_weight)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+INFO = DecodeInfo(n=0, L=10)
+
+
+def _iar2():
+    from arforge_plugins import ar_presets
+
+    torch.manual_seed(0)
+    m = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=25)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.eval()
+
+
+class Spy:
+    """Wraps a sampler and records every (k, n, scale, attn_cls) it hands out."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.guided, self.needs_cls_attention = inner.guided, inner.needs_cls_attention
+
+    def scale(self, k, n, L, info):
+        s = self.inner.scale(k, n, L, info)
+        self.calls.append((k, n, s, info.attn_cls))
+        return s
+
+    def params(self):
+        return self.inner.params()
+
+
+# --------------------------------------------------------------- guided flags
+def test_guidance_is_on_iff_some_scale_differs_from_one():
+    assert ConstantCFG(scale=1.5).guided and not ConstantCFG(scale=1.0).guided
+    assert ConstantCFG(scale=(1.0, 2.0)).guided and not ConstantCFG(scale=(1.0, 1.0)).guided
+    assert ConstantCFG(scale=0.5).guided  # < 1 is guidance too (upstream tests > 1 only, E2)
+    assert IntervalCFG(scale=2.0, interval=0).guided and not IntervalCFG(scale=1.0).guided
+    assert LinearCFG(start=1.0, end=3.0).guided and not LinearCFG(start=1.0, end=1.0).guided
+    assert AdaptiveAttentionCFG().guided
+    assert AdaptiveAttentionCFG(sem_start=1.0, sem_end=1.0, det_start=1.0, det_end=1.2).guided
+    assert not AdaptiveAttentionCFG(scales=((1.0, 1.0), (1.0, 1.0))).guided
+    assert AdaptiveAttentionCFG.needs_cls_attention and not ConstantCFG.needs_cls_attention
+
+
+def test_constant_per_subtoken_scales():
+    s = ConstantCFG(scale=(1.9, 2.0))  # Open-MAGVIT2-B (pre, post), §10
+    assert [s.scale(k, 5, 256, INFO) for k in (0, 1)] == [1.9, 2.0]
+    assert ConstantCFG(scale=1.75).scale(1, 0, 576, INFO) == 1.75
+    with pytest.raises(ConfigError, match="2 per-sub-token values"):
+        s.scale(2, 0, 256, INFO)
+    with pytest.raises(ConfigError, match="finite"):
+        ConstantCFG(scale=math.nan)
+    assert s.params() == {"cfg.sampler": "constant", "cfg.scale": "(1.9, 2.0)"}
+
+
+# ------------------------------------------------------------------- interval
+def test_interval_guides_tokens_zero_to_interval():
+    s = IntervalCFG(scale=2.0, interval=3)
+    assert [s.scale(0, n, 16, INFO) for n in range(6)] == [2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
+    always = IntervalCFG(scale=(2.0, 3.0), interval=-1)
+    assert all(always.scale(1, n, 16, INFO) == 3.0 for n in range(16))
+    for bad in (-2, 1.5):
+        with pytest.raises(ConfigError, match="interval"):
+            IntervalCFG(scale=2.0, interval=bad)
+    assert s.params() == {"cfg.sampler": "interval", "cfg.scale": 2.0, "cfg.interval": 3}
+
+
+@pytest.mark.parametrize("cfg_interval", [-1, -3, -0.5, 0, 0.5, 4, 7.9, 20])
+def test_interval_from_upstream_matches_llamagen_loop(cfg_interval):
+    """LlamaGen: token 0 is the guided prefill; decode index i samples token i + 1 and drops
+    guidance when cfg_interval > -1 and i > cfg_interval (ar_models.md §9.3)."""
+    L = 16
+    upstream = [True] + [not (cfg_interval > -1 and i > cfg_interval) for i in range(L - 1)]
+    s = IntervalCFG.from_upstream(cfg_scale=2.0, cfg_interval=cfg_interval)
+    assert [s.scale(0, n, L, INFO) != 1.0 for n in range(L)] == upstream
+
+
+def test_interval_ends_guidance_inside_generate():
+    from arforge_plugins import ar_presets
+
+    torch.manual_seed(0)
+    m = ar_presets.llamagen_gpt("tiny", vocab_size=32, block_size=16)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    m.eval()
+    labels = torch.tensor([3, 8])
+    spy = Spy(IntervalCFG(scale=3.0, interval=4))
+    a = generate(m, labels, sampler=spy, seed=2)
+    assert [c[2] for c in spy.calls] == [3.0] * 5 + [1.0] * 11
+    b = generate(m, labels, sampler=ConstantCFG(scale=3.0), seed=2)
+    assert torch.equal(a[:, :5], b[:, :5]) and not torch.equal(a, b)
+
+
+# --------------------------------------------------------------------- linear
+def test_linear_ramps_from_start_to_end_per_subtoken():
+    s = LinearCFG(start=(1.0, 2.0), end=(3.0, 2.0))
+    L = 11
+    assert s.scale(0, 0, L, INFO) == 1.0 and s.scale(0, L - 1, L, INFO) == 3.0
+    assert s.scale(0, 5, L, INFO) == pytest.approx(2.0)
+    assert all(s.scale(1, n, L, INFO) == 2.0 for n in range(L))  # start = end: exactly constant
+    assert LinearCFG(start=1.0, end=3.0).scale(0, 0, 1, INFO) == 2.0  # L = 1: w = 0.5
+    with pytest.raises(ConfigError, match="same number"):
+        LinearCFG(start=(1.0, 2.0), end=(1.0, 2.0, 3.0))
+
+
+# ------------------------------------------------------------------- adaptive
+def test_adaptive_formula_per_sample():
+    s = AdaptiveAttentionCFG(sem_start=1.5, sem_end=3.5, det_start=2.0, det_end=2.5, w_attn=0.1)
+    a = torch.tensor([1.0, 0.5, 0.2])
+    L = 9
+    for n in (0, 4, L - 1):
+        info = DecodeInfo(n=n, L=L, attn_cls=a)
+        w = n / (L - 1) + 0.1 * a
+        assert torch.allclose(s.weight(n, L, a), w)
+        assert torch.allclose(s.scale(0, n, L, info), 1.5 * (1 - w) + 3.5 * w)
+        assert torch.allclose(s.scale(1, n, L, info), 2.0 * (1 - w) + 2.5 * w)
+    assert torch.allclose(s.weight(0, L, torch.ones(1)), torch.tensor([0.1]))  # w(0) = w_attn with a_0 = 1
+    assert torch.allclose(s.weight(L - 1, L, a), 1 + 0.1 * a)  # beyond 1: extrapolates past s_k2
+    assert torch.allclose(s.weight(0, 1, a), 0.5 + 0.1 * a)  # L = 1 (upstream)
+    assert progress_weight(3, 7) == 0.5
+    with pytest.raises(ConfigError, match="class-token attention"):
+        s.scale(0, 1, L, DecodeInfo(n=1, L=L))
+
+
+def test_adaptive_params_and_named_scales():
+    s = AdaptiveAttentionCFG(sem_start=1.7, sem_end=2.9, det_start=1.6, det_end=3.1, w_attn=0.05)
+    assert s.pairs == ((1.7, 2.9), (1.6, 3.1))
+    assert s.params() == {"cfg.sampler": "adaptive_attention", "cfg.w_attn": 0.05, "cfg.scale1_1": 1.7,
+                          "cfg.scale1_2": 2.9, "cfg.scale2_1": 1.6, "cfg.scale2_2": 3.1}
+    assert AdaptiveAttentionCFG().pairs == ((1.75, 3.0), (1.75, 3.0))  # the IAR2 README (§10)
+    assert AdaptiveAttentionCFG(scales=((1.0, 2.0),)).pairs == ((1.0, 2.0),)
+    with pytest.raises(ConfigError, match="not both"):
+        AdaptiveAttentionCFG(scales=((1.0, 2.0), (1.0, 2.0)), sem_start=1.5)
+    with pytest.raises(ConfigError, match="pairs"):
+        AdaptiveAttentionCFG(scales=((1.0, 2.0, 3.0),))
+
+
+def test_adaptive_cfg_in_generation_uses_the_recorded_class_attention():
+    m = _iar2()
+    labels = torch.tensor([1, 6, 9])
+    spy = Spy(AdaptiveAttentionCFG(sem_start=1.5, sem_end=3.0, det_start=2.0, det_end=2.0, w_attn=0.05))
+    generate(m, labels, sampler=spy, seed=0)
+    L = m.block_size
+    assert [(k, n) for k, n, _, _ in spy.calls] == [(k, n) for n in range(L) for k in (0, 1)]
+    first_sem = spy.calls[0]
+    assert torch.allclose(first_sem[3], torch.ones(3))  # a_0 = 1: the class token sees only itself
+    assert torch.allclose(first_sem[2], torch.full((3,), 1.5 + 1.5 * 0.05))  # w(0) = w_attn
+    k, n, s_last, a_last = spy.calls[-2]
+    assert (k, n) == (0, L - 1)
+    assert torch.allclose(s_last, 1.5 + 1.5 * (1 + 0.05 * a_last))  # w(L-1) = 1 + w_attn·a
+    mid = spy.calls[2 * 12]  # semantic head at n = 12: scales differ per sample through a_n
+    assert mid[2].shape == (3,) and not torch.allclose(mid[2], mid[2][0].expand(3))
+    assert all(torch.equal(c[2], torch.full((3,), 2.0)) for c in spy.calls if c[0] == 1)  # constant det head

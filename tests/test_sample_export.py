@@ -1,0 +1,204 @@
+"""The sample-export job: exactly N per class, per-sample seeds, the ADM .npz, the grid, two ranks, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from arforge.checkpoint import CheckpointError, save_checkpoint
+from arforge.data.extraction import local_context
+from arforge.generation import decode_tokens, generate
+from arforge.metrics.adm import to_uint8
+from arforge.sampling_job import sample_images, sample_labels, sample_seed
+
+C, N, SEED = 3, 3, 5  # 3 classes x 3 samples
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class FakeTracker:
+    """Records what a job logs."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: dict[str, float] = {}
+        self.images: dict[str, Any] = {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_image(self, image, artifact_file):
+        self.images[artifact_file] = image
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_dict(self, data, artifact_file):
+        pass
+
+
+def _llamagen_pair():
+    """A tiny LlamaGen AR model (vocab 32, 4x4 tokens) and a tiny VQ tokenizer (8x8 images)."""
+    from arforge_plugins import ar_presets, llamagen_vq
+    from arforge_plugins.vector_quantization import VectorQuantizer
+
+    torch.manual_seed(0)
+    model = ar_presets.llamagen_gpt("tiny", vocab_size=32, block_size=16, num_classes=C)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tokenizer = llamagen_vq.llamagen_vq_tokenizer(preset="tiny", quantizer=VectorQuantizer(codebook_size=32, dim=8))
+    return model.eval(), tokenizer.eval()
+
+
+def _sampler():
+    from arforge_plugins.cfg_samplers import ConstantCFG
+
+    return ConstantCFG(scale=2.0)
+
+
+def _run(out: Path, tracker=None, **kw) -> dict:
+    model, tokenizer = kw.pop("pair", None) or _llamagen_pair()
+    ctx = local_context(out, tracker=tracker or FakeTracker(), seed=SEED)
+    args = dict(model=model, tokenizer=tokenizer, sampler=_sampler(), samples_per_class=N, batch_size=4,
+                top_k=8, progress=False)
+    args.update(kw)
+    return sample_images(ctx, **args)
+
+
+def _reference_sample(model, tokenizer, index: int) -> np.ndarray:
+    """Sample ``index`` decoded on its own from its own seed."""
+    gen = [torch.Generator().manual_seed(sample_seed(SEED, index))]
+    sub = generate(model, torch.tensor([index // N]), sampler=_sampler(), sampling=_settings(),
+                   generator=gen)
+    return to_uint8(decode_tokens(tokenizer, model.factorization, sub))[0]
+
+
+def _settings():
+    from arforge.interfaces import SubTokenSampling
+
+    return SubTokenSampling(top_k=8)
+
+
+# ------------------------------------------------------------------ one rank
+def test_exactly_n_per_class_in_a_seeded_order_with_per_sample_content(tmp_path):
+    tracker = FakeTracker()
+    pair = _llamagen_pair()
+    res = _run(tmp_path, tracker=tracker, pair=pair)
+    assert res["num_samples"] == C * N and res["path"] == str(tmp_path / "samples.npz")
+    with np.load(res["path"]) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (C * N, 8, 8, 3) and images.flags.c_contiguous
+    assert labels.dtype == np.int64 and np.bincount(labels, minlength=C).tolist() == [N] * C
+    perm = np.random.default_rng(SEED).permutation(C * N)  # arr_0[j] is sample perm[j]
+    assert labels.tolist() == sample_labels(C, N)[perm].tolist()
+    assert labels.tolist() != sorted(labels.tolist())  # really shuffled
+    # every sample is where the permutation puts it, with the content of its own seed: none is duplicated
+    for j, i in enumerate(perm):
+        assert np.array_equal(images[j], _reference_sample(*pair, int(i))), (j, i)
+    assert len({im.tobytes() for im in images}) == C * N
+    # the grid: one row per class, N columns (8 px cells upscaled to 64 and 2 px padding)
+    grid = tracker.images["samples/grid.png"]
+    assert grid.size == (N * 66 + 2, C * 66 + 2)
+    assert tracker.params["cfg.scale"] == 2.0 and tracker.params["sample.top_k"] == 8
+    assert tracker.params["sample.samples_per_class"] == N and tracker.params["sample.seed"] == SEED
+    assert tracker.metrics["sample/images_per_s"] > 0 and tracker.metrics["sample/tokens_per_s"] > 0
+
+
+def test_resize_to_eval_size_and_explicit_output(tmp_path):
+    out = tmp_path / "sub" / "mine.npz"
+    res = _run(tmp_path, output=out, eval_size=6, samples_per_class=1)
+    assert res["path"] == str(out) and res["image_shape"] == (6, 6, 3)
+    assert not list(out.parent.glob(".*tmp*"))  # the temporary file was renamed into place
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (C, 6, 6, 3)
+
+
+def test_iar2_with_adaptive_cfg_and_two_subtokens(tmp_path):
+    from arforge_plugins import ar_presets, llamagen_vq
+    from arforge_plugins.cfg_samplers import AdaptiveAttentionCFG
+    from arforge_plugins.semantic_detail_quantization import SemanticDetailQuantizer
+
+    torch.manual_seed(0)
+    model = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=16, num_classes=2).eval()
+    tok = llamagen_vq.llamagen_vq_tokenizer(
+        preset="tiny", quantizer=SemanticDetailQuantizer(semantic_codebook_size=8, detail_codebook_size=16, dim=8))
+    res = _run(tmp_path, pair=(model, tok.eval()), sampler=AdaptiveAttentionCFG(), samples_per_class=2,
+               temperature=(1.0, 0.9))
+    with np.load(res["path"]) as f:
+        assert f["arr_0"].shape == (4, 8, 8, 3) and np.bincount(f["arr_1"]).tolist() == [2, 2]
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_loads_ema_weights_strictly_from_checkpoints(tmp_path):
+    model, tokenizer = _llamagen_pair()
+    trained, _ = _llamagen_pair()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    save_checkpoint(tmp_path / "ar", 7, {"model": model.state_dict(), "ema": trained.state_dict()})
+    save_checkpoint(tmp_path / "tok", 3, {"model": tokenizer.state_dict()})
+    tracker = FakeTracker()
+    _run(tmp_path / "run", tracker=tracker, pair=(model, tokenizer), model_checkpoint=tmp_path / "ar",
+         tokenizer_checkpoint=tmp_path / "tok", samples_per_class=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    assert tracker.params["sample.model_weights"] == "ema" and tracker.params["sample.model_step"] == 7
+    assert tracker.params["sample.tokenizer_weights"] == "model"
+    with pytest.raises(CheckpointError, match="no 'ema' weights"):
+        _run(tmp_path / "run2", tokenizer_checkpoint=tmp_path / "tok", tokenizer_weights="ema")
+    from arforge_plugins import ar_presets
+
+    other = ar_presets.llamagen_gpt("tiny", vocab_size=64, block_size=16, num_classes=C)
+    save_checkpoint(tmp_path / "other", 1, {"model": other.state_dict()})
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        _run(tmp_path / "run3", model_checkpoint=tmp_path / "other")
+
+
+# ------------------------------------------------------------------ two ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tracker = FakeTracker()
+        res = _run(Path(out), tracker=tracker)
+        assert (len(tracker.images) == 1) == (rank == 0)  # only rank 0 logs
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_write_the_same_file_as_one(tmp_path):
+    single = _run(tmp_path / "single")
+    out = tmp_path / "ddp"
+    out.mkdir()
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == results[1] and results[0]["num_samples"] == C * N  # every rank returns rank 0's result
+    with np.load(single["path"]) as a, np.load(out / "samples.npz") as b:
+        assert np.bincount(b["arr_1"]).tolist() == [N] * C
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        assert np.array_equal(a["arr_0"], b["arr_0"])  # per-sample seeds: content independent of the world size
+        assert len({im.tobytes() for im in b["arr_0"]}) == C * N
