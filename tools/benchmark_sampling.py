@@ -207,8 +207,7 @@ def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: in
     return Result(model=name, params_m=model.num_params() / 1e6, L=L, K=K, batch=batch, path="no cache",
                   sampler=type(sampler).__name__, positions_timed=timed, how=how, seconds_per_batch=total,
                   images_per_s=batch / total, tokens_per_s=batch * L / total, ms_per_step=1000 * total / L,
-                  breakdown_ms={f"pos{n}": 1000 * t for n, t in zip(at if not full else range(L), times)}
-                  if not full else {})
+                  breakdown_ms={} if full else {f"pos{n}": 1000 * t for n, t in zip(at, times)})
 
 
 def _table(results: list[Result]) -> str:

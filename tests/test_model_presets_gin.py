@@ -1,0 +1,28 @@
+"""The model-size gin presets build the documented parameter counts on the meta device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+import pytest
+import torch
+
+from arforge import launch
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "gin" / "models").glob("*.gin"))
+
+#: ar_models.md §3 tables (computed counts, in millions; RoPE tables are buffers, not parameters).
+EXPECTED_M = {"llamagen_b": 110.9, "llamagen_l": 342.9, "llamagen_xl": 774.7, "llamagen_xxl": 1411.0,
+              "llamagen_3b": 3097.0, "open_magvit2_b": 343.6, "open_magvit2_l": 804.4, "open_magvit2_xl": 1487.0,
+              "iar2_b": 143.1, "iar2_l": 408.2, "iar2_xl": 884.3, "iar2_xxl": 1570.0}
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if not p.stem.startswith("tiny")], ids=lambda p: p.stem)
+def test_preset_parameter_count(path):
+    launch.parse(path)
+    with torch.device("meta"):
+        model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    millions = model.num_params() / 1e6
+    assert millions == pytest.approx(EXPECTED_M[path.stem], rel=2e-3), millions
