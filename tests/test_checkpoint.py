@@ -168,3 +168,17 @@ def test_save_weights_round_trip(tmp_path):
     back = ck.load_weights(p)
     assert torch.equal(back["b"], emb) and torch.equal(back["a"], emb)
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
+
+
+def test_restore_strict_and_records_path(tmp_path):
+    m, _ = _trained_state()
+    ck.save_checkpoint(tmp_path, 3, {"model": m.state_dict(), "ema": m.state_dict()})
+    fresh = _model()
+    out = ck.restore(fresh, checkpoint=tmp_path, weights="ema")
+    assert out is fresh and fresh.checkpoint_path.endswith("step_00000003")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+    with pytest.raises(ck.CheckpointError, match="no 'disc' weights"):
+        ck.restore(_model(), checkpoint=tmp_path, weights="disc")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 9))
+    with pytest.raises(ck.CheckpointError, match="does not fit Sequential"):
+        ck.restore(other, checkpoint=tmp_path)

@@ -373,3 +373,35 @@ def unwrap_container(obj: Any, *, prefer: str = "model") -> tuple[dict[str, torc
     raise CheckpointError(
         f"no weights found: the checkpoint has top-level keys {sorted(map(str, obj))[:12]} "
         f"but none of {prefer!r}, 'state_dict', 'module', 'model'")
+
+
+def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: str = "model") -> torch.nn.Module:
+    """Load ``weights`` (``model`` or ``ema``) of an arforge checkpoint into ``module``, strictly.
+
+    ``checkpoint`` is a checkpoint directory, or a run's ``checkpoints`` folder
+    (its ``latest``). The path is recorded on the module as ``checkpoint_path``
+    so that later stages (code extraction manifests, sample metadata) can name it.
+    This is the gin-facing way to hand a trained component to a job::
+
+        jobs.extract_codes.tokenizer = @tokenizer/loaders.arforge_checkpoint()
+        tokenizer/loaders.arforge_checkpoint.module = %TOKENIZER
+        tokenizer/loaders.arforge_checkpoint.checkpoint = "arforge_runs/outputs/quickstart/tokenizer/checkpoints"
+    """
+    loaded = load_checkpoint(checkpoint)
+    if weights not in loaded.weights:
+        raise CheckpointError(f"{loaded.path} has no '{weights}' weights; it has {sorted(loaded.weights)}")
+    state = loaded.weights[weights]
+    target = module.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{loaded.path} ({weights}) does not fit {type(module).__name__}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
+            f"shape mismatches {shapes[:8]}. Was it trained with the same gin preset?")
+    module.load_state_dict(state, strict=True)
+    module.checkpoint_path = str(loaded.path)
+    return module

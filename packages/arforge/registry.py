@@ -41,6 +41,7 @@ KINDS: dict[str, str] = {
     "datasets": "image and token-code datasets",
     "losses": "training losses and discriminators",
     "schedules": "learning-rate schedules",
+    "loaders": "give a component its weights: arforge checkpoints and official upstream files",
     "jobs": "runnable roots of a gin launch (trainers, samplers, evaluators, tools)",
 }
 

@@ -65,7 +65,7 @@ class FeatureExtractor(Protocol):
 
 def as_uint8_nchw(images, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 NHWC images (numpy array or tensor) -> a uint8 (N, 3, H, W) tensor on ``device``."""
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])) if isinstance(images, np.ndarray) else images
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         shape = tuple(getattr(images, "shape", ()))
         raise FeatureExtractorError(

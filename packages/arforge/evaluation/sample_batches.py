@@ -41,16 +41,16 @@ class BatchFileError(ArforgeError):
     """A sample/reference batch file that cannot be used: names the file, the key and the fix."""
 
 
-def _read_exact(fp, n: int, path: Path) -> bytes:
-    chunks, left = [], n
-    while left:
-        b = fp.read(left)
-        if not b:
-            raise BatchFileError(f"{path}: arr_0 ends {left} bytes early; the file is truncated "
+def _read_into(fp, out: np.ndarray, path: Path) -> np.ndarray:
+    """Fill the uint8 array ``out`` from the stream (a zip member returns short reads)."""
+    view, pos = memoryview(out.reshape(-1)), 0
+    while pos < len(view):
+        got = fp.readinto(view[pos:])
+        if not got:
+            raise BatchFileError(f"{path}: arr_0 ends {len(view) - pos} bytes early; the file is truncated "
                                  "(was its writer killed?). Write it again.")
-        chunks.append(b)
-        left -= len(b)
-    return b"".join(chunks)
+        pos += got
+    return out
 
 
 def _read_npy_header(fp, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -127,11 +127,9 @@ class ImageBatchReader:
         """The next ``min(n, remaining)`` images, uint8 (n, H, W, 3)."""
         n = max(0, min(n, len(self) - self._pos))
         if self._mmap is not None:
-            out = np.ascontiguousarray(self._mmap[self._pos:self._pos + n])
+            out = np.array(self._mmap[self._pos:self._pos + n])  # a writable copy, not a view of the map
         else:
-            per = int(np.prod(self.image_shape))
-            out = np.frombuffer(_read_exact(self._fp, n * per, self.path), dtype=np.uint8)
-            out = out.reshape(n, *self.image_shape)  # (n, H, W, 3)
+            out = _read_into(self._fp, np.empty((n, *self.image_shape), dtype=np.uint8), self.path)
         self._pos += n
         return out
 
