@@ -222,3 +222,29 @@ def test_unreachable_tracking_server_fails_before_work(tmp_path, monkeypatch):
     with pytest.raises(tracking.TrackingError, match="unreachable"):
         launch.run_file(f)
     assert calls == []
+
+
+def test_killed_launch_resumes_same_run_and_finished_one_starts_clean(tmp_path):
+    attempts = []
+
+    def flaky(ctx):
+        """Dies on its first attempt after writing progress; finishes on the next."""
+        marker = ctx.output_dir / "progress.txt"
+        attempts.append((ctx.resume, marker.exists()))
+        marker.write_text("half done")
+        if len(attempts) == 1:
+            raise RuntimeError("killed")
+        return "done"
+
+    reg.registry().register("jobs", "flaky", flaky)
+    f = _write(tmp_path, 'launch.experiment = "res"\nlaunch.job = @jobs.flaky\n')
+    with pytest.raises(RuntimeError, match="killed"):
+        launch.run_file(f)
+    first_id, out = launch.last_run()
+    assert launch.run_file(f) == "done"
+    assert launch.last_run()[0] == first_id  # the same MLflow run continues
+    assert attempts[1] == (True, True)  # and it sees its earlier outputs
+    launch.run_file(f)  # the run is finished: a new one starts with a clean folder
+    assert launch.last_run()[0] != first_id
+    assert attempts[2] == (False, False)
+    assert (out.parent / f"{out.name}-{first_id[:8]}" / "progress.txt").is_file()

@@ -387,7 +387,9 @@ def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: 
         tokenizer/loaders.arforge_checkpoint.module = %TOKENIZER
         tokenizer/loaders.arforge_checkpoint.checkpoint = "arforge_runs/outputs/quickstart/tokenizer/checkpoints"
     """
-    loaded = load_checkpoint(checkpoint)
+    from arforge.tracking import resolve_path
+
+    loaded = load_checkpoint(resolve_path(checkpoint))
     if weights not in loaded.weights:
         raise CheckpointError(f"{loaded.path} has no '{weights}' weights; it has {sorted(loaded.weights)}")
     state = loaded.weights[weights]

@@ -147,7 +147,9 @@ def explain_gin_error(exc: BaseException, *, config_file: str | None = None,
 def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *,
           clear: bool = True) -> None:
     """Load the plugins and parse ``config_file`` plus ``bindings`` into gin's global state."""
+    global _PARSE_GENERATION
     reg.load_plugins()
+    _PARSE_GENERATION += 1
     if clear:
         gin.clear_config()
     # The search path is per launch and ordered: the file's own folder first, then
@@ -161,8 +163,19 @@ def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *
         if not path.is_file():
             raise ConfigError(f"gin file {config_file} does not exist")
         files.append(str(path.resolve()))
-    _guarded(lambda: gin.parse_config_files_and_bindings(files, [], finalize_config=False),
-             config_file=str(config_file) if config_file else None)
+    import logging
+
+    class _QuietSearch(logging.Filter):  # gin logs every search-path miss of an include as an error
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.getMessage()).startswith("Path not found:")
+
+    quiet = _QuietSearch()
+    logging.getLogger().addFilter(quiet)
+    try:
+        _guarded(lambda: gin.parse_config_files_and_bindings(files, [], finalize_config=False),
+                 config_file=str(config_file) if config_file else None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     # Bindings are parsed one by one so an error names the --bind at fault.
     for binding in bindings:
         _guarded(lambda b=binding: gin.parse_config(b), binding=binding)
@@ -285,6 +298,9 @@ def launch(
 
 
 _CURRENT: dict[str, Any] = {}
+#: Bumped by every parse: a job that launches nested runs (jobs.pipeline) replaces the gin
+#: state, and the outer launch must not log a stage's config as its own.
+_PARSE_GENERATION = 0
 
 
 def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, resume, tags):
@@ -307,6 +323,17 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
     resuming = bool(previous) and previous.get("status") != "FINISHED" and resume != "never"
     if resume == "must" and not resuming:
         raise ConfigError(f"launch.resume = 'must' but {out} holds no unfinished run to resume")
+    dev.barrier()  # every rank has read run.json before rank 0 may move the folder
+    if dist.is_main and not resuming and out.is_dir() and any(out.iterdir()):
+        # A finished (or abandoned, with resume='never') run keeps its outputs: they are moved
+        # aside so this run starts clean and 'outputs:<experiment>/<run>' names the newest run.
+        tag = str((previous or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S"))[:8]
+        aside = out.with_name(f"{out.name}-{tag}")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        out.rename(aside)
+        print(f"[{run_name}] previous outputs of {out.name} kept in {aside}", flush=True)
+    dev.barrier()
     seed_everything(seed + dist.rank)
 
     tracker: tracking.Tracker = tracking.Tracker()
@@ -325,7 +352,6 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
             run = mlflow.tracking.MlflowClient().create_run(
                 exp_id, run_name=run_name, tags={"mlflow.parentRunId": parent} if parent else None)
             run_id = run.info.run_id
-            resuming = resuming and False
         else:
             mlflow.tracking.MlflowClient().update_run(run_id, status="RUNNING")
         tracker = tracking.MlflowTracker(run_id)
@@ -359,6 +385,7 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
                      device=torch_device, precision=prec, seed=seed, dist=dist, resume=resuming,
                      config_file=_CURRENT.get("config_file"), reporter=_CURRENT.get("reporter"))
     status = "FAILED"
+    generation = _PARSE_GENERATION
     try:
         result = job(ctx)
         status = "FINISHED"
@@ -368,10 +395,11 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         raise
     finally:
         if dist.is_main:
-            try:
-                tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
-            except Exception:
-                pass
+            if generation == _PARSE_GENERATION:
+                try:
+                    tracker.log_text(gin.operative_config_str(), "config/operative_config.gin")
+                except Exception:  # the run's outcome matters more than this artifact
+                    pass
             mlflow.tracking.MlflowClient().set_terminated(run_id, status=status)
             state = json.loads(state_file.read_text())
             state.update(status=status, ended=time.time())

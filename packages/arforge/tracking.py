@@ -43,6 +43,21 @@ def home() -> Path:
     return Path(os.environ.get("ARFORGE_HOME", "arforge_runs")).resolve()
 
 
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Resolve ``outputs:<experiment>/<run_name>/...`` to the run's output folder.
+
+    Launches write to ``$ARFORGE_HOME/outputs/<experiment>/<run_name>`` by
+    default, so a later stage can name an earlier one's checkpoint or codes in
+    gin without knowing where ``ARFORGE_HOME`` is::
+
+        loaders.arforge_checkpoint.checkpoint = "outputs:quickstart/tokenizer/checkpoints"
+    """
+    text = str(path)
+    if text.startswith("outputs:"):
+        return home() / "outputs" / text[len("outputs:"):].lstrip("/")
+    return Path(path)
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -140,6 +140,11 @@ class GenerationEvaluator:
         ref.stats = FeatureStats.of(feats.pool)
         return f"computed from the reference arr_0 ({len(feats)} images)"
 
+    def _check_reference(self, ref: _Reference, f: Features) -> None:
+        _check_stats(ref.stats, f.pool.shape[1], "mu/sigma", ref.path, self.feature_extractor)
+        if ref.stats_s is not None and f.spatial is not None:
+            _check_stats(ref.stats_s, f.spatial.shape[1], "mu_s/sigma_s", ref.path, self.feature_extractor)
+
     # ------------------------------------------------------------ evaluate
     def evaluate_detailed(self, samples: str | os.PathLike, reference: str | os.PathLike, *,
                           fidelity_steps: Sequence[int] | None = None,
@@ -183,21 +188,20 @@ class GenerationEvaluator:
                         spatials.append(np.asarray(f.spatial, dtype=np.float32))
                     if f.logits is not None:
                         logits.append(np.asarray(f.logits, dtype=np.float32))
+                    if count == 0:  # planted statistics of another network fail now, not after 50k images
+                        self._check_reference(ref, f)
                     count += len(batch)
                     bar.update(len(batch))
                     if count in steps:
                         pool = np.concatenate(pools)
-                        _check_stats(ref.stats, pool.shape[1], "mu/sigma", ref.path, self.feature_extractor)
                         fidelity[count] = adm.frechet_distance(FeatureStats.of(pool), ref.stats)
                         if on_fidelity is not None:
                             on_fidelity(count, fidelity[count])
         pool = np.concatenate(pools)
-        _check_stats(ref.stats, pool.shape[1], "mu/sigma", ref.path, self.feature_extractor)
         metrics["fid"] = fidelity[n] if n in fidelity else adm.frechet_distance(FeatureStats.of(pool), ref.stats)
         if spatials:
             spatial = np.concatenate(spatials)
             if ref.stats_s is not None:
-                _check_stats(ref.stats_s, spatial.shape[1], "mu_s/sigma_s", ref.path, self.feature_extractor)
                 stats_s, info["reference_stats_s"] = ref.stats_s, "mu_s/sigma_s from the reference file"
             else:
                 ref_spatial = self._reference_features(ref).spatial
@@ -267,7 +271,8 @@ class ReconstructionEvaluator:
         self.feature_extractor = feature_extractor
         self.lpips = tuple(lpips)
         self.paths = {"alex": lpips_alex_path, "vgg": lpips_vgg_path}
-        self.verify_hash, self.batch_size, self.max_images, self.progress = verify_hash, batch_size, max_images, progress
+        self.verify_hash, self.progress = verify_hash, progress
+        self.batch_size, self.max_images = batch_size, max_images
         self._perceptual = dict(perceptual) if perceptual is not None else None
         self._notes: dict[str, str] = {}
 

@@ -189,7 +189,9 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
         if output_dir is None:
             raise ConfigError("extract_codes without a run context needs output_dir")
         ctx = local_context(Path(output_dir).parent)
-    out = Path(output_dir) if output_dir is not None else Path(ctx.output_dir) / "codes"
+    from arforge.tracking import resolve_path
+
+    out = resolve_path(output_dir) if output_dir is not None else Path(ctx.output_dir) / "codes"
     grid = _token_grid(tokenizer, image_size)
     seq_len = grid[0] * grid[1]
     crops = ExtractionCrops(image_size=image_size, ten_crop=ten_crop, crop_range=crop_range, flips=flips)

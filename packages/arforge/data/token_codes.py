@@ -294,7 +294,9 @@ class _Extraction:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser()
+        from arforge.tracking import resolve_path
+
+        self.root = resolve_path(root).expanduser()  # "outputs:<experiment>/<run>/codes" names a run's output
         if not self.root.is_dir():
             raise DataError(f"token-code folder {self.root} does not exist; run the extract_codes job "
                             "or fix the path")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -135,7 +134,8 @@ class InceptionV3Features(nn.Module):
         super().__init__()
         extractor_cls = _import_torch_fidelity()
         path = find_weights(INCEPTION_FILENAME, weights_path, sha256_prefix=INCEPTION_SHA256_PREFIX,
-                            verify_hash=verify_hash, what="The Inception feature extractor (FID/sFID/IS/precision-recall)",
+                            verify_hash=verify_hash,
+                            what="The Inception feature extractor (FID/sFID/IS/precision-recall)",
                             how="feature_extractors.inception.weights_path")
         from arforge.checkpoint import load_foreign, unwrap_container
 

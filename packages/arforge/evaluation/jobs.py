@@ -36,6 +36,12 @@ def _params(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}.{k}": str(v) for k, v in values.items()}
 
 
+def _to_device(module: Any, device) -> None:
+    """Move an injected network (a feature extractor, LPIPS) to the run's device, if it is a module."""
+    if isinstance(module, torch.nn.Module):
+        module.to(device)
+
+
 # ================================================================ samples
 def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.PathLike, evaluator,
                      fidelity_steps: Sequence[int] | None = None, sample_seed: int | None = None,
@@ -63,6 +69,7 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
     if not ctx.is_main:  # evaluation is a single-process job; other ranks have nothing to do
         return {}
     seed = ctx.seed if sample_seed is None else sample_seed
+    _to_device(getattr(evaluator, "feature_extractor", None), ctx.device)
 
     def on_fidelity(count: int, fid: float) -> None:
         ctx.tracker.log_metrics({"fid": fid}, step=count)
@@ -121,6 +128,7 @@ def evaluate_reconstructions(ctx, *, tokenizer, dataset, evaluator, checkpoint: 
     if not ctx.is_main:
         return {}
     tokenizer.to(ctx.device)
+    _to_device(getattr(evaluator, "feature_extractor", None), ctx.device)
     result = evaluator.evaluate_detailed(tokenizer, dataset, device=ctx.device)
     info = {**result.info, "tokenizer_weights": used, "seed": str(ctx.seed),
             "dataset": str(getattr(dataset, "source", type(dataset).__name__))}
@@ -198,6 +206,7 @@ def make_reference(ctx, *, dataset, output: str | os.PathLike, num_images: int |
         raise ConfigError(f"jobs.make_reference.output = {str(output)!r} must end in .npz")
     if not ctx.is_main:
         return None
+    _to_device(feature_extractor, ctx.device)
     order = np.random.default_rng(seed).permutation(total)[:n]
     subset = torch.utils.data.Subset(dataset, order.tolist())
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -219,7 +219,7 @@ class ImageBatchWriter:
         """Append uint8 (b, H, W, 3) images."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-            raise BatchFileError(f"{self.path}: expected uint8 images of shape (b, {', '.join(map(str, self.image_shape))}), "
+            raise BatchFileError(f"{self.path}: expected uint8 images of shape (b, *{self.image_shape}), "
                                  f"got {images.dtype} {images.shape}")
         if self.written + len(images) > self.num_images:
             raise BatchFileError(f"{self.path}: more than the announced {self.num_images} images written")

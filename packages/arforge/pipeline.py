@@ -1,0 +1,57 @@
+"""``jobs.pipeline``: run several launch files in order, as nested runs of one pipeline run.
+
+A pipeline file lists stage launch files (paths relative to it)::
+
+    launch.experiment = "quickstart"
+    launch.run_name = "pipeline"
+    launch.job = @jobs.pipeline
+    jobs.pipeline.stages = ["1_tokenizer.gin", "2_extract.gin", "3_ar.gin"]
+
+Each stage is parsed on its own (its gin config replaces the pipeline's; the
+pipeline's operative config is logged first) and runs as an MLflow run nested
+under the pipeline run, in the pipeline's experiment. Stages pass results on
+through their output folders (``outputs:<experiment>/<run_name>/...``). The
+time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import gin
+
+from arforge.errors import ConfigError
+
+
+def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: Sequence[str] = ()) -> dict[str, Any]:
+    """Run stage launch files in order, each as a nested run.
+
+    Args:
+        stages: launch files, relative to the pipeline file.
+        bindings: extra gin bindings applied to every stage (e.g. a shorter budget).
+        only: run just these stages (file stems), e.g. to redo sampling and evaluation.
+    """
+    from arforge import launch
+
+    if ctx.config_file is None:
+        raise ConfigError("jobs.pipeline must be launched from a gin file (its stages are relative to it)")
+    base = Path(ctx.config_file).parent
+    paths = [base / s for s in stages]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{ctx.config_file}: jobs.pipeline.stages names missing files: {', '.join(missing)}")
+    ctx.tracker.log_text(gin.operative_config_str(), "config/pipeline_operative_config.gin")
+    own_bindings = [f'launch.experiment = "{ctx.experiment}"']
+    results: dict[str, Any] = {}
+    for i, path in enumerate(paths):
+        if only and path.stem not in only:
+            continue
+        ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
+        t0 = time.time()
+        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings], parent_run_id=ctx.tracker.run_id)
+        seconds = time.time() - t0
+        ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
+        ctx.log(f"stage {path.name} took {seconds:.1f} s")
+    return results
