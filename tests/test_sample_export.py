@@ -152,13 +152,17 @@ def test_loads_ema_weights_strictly_from_checkpoints(tmp_path):
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
-    save_checkpoint(tmp_path / "ar", 7, {"model": model.state_dict(), "ema": trained.state_dict()})
+    from arforge.tracking import home
+
+    ar_dir = home() / "outputs" / "exp" / "ar" / "checkpoints"  # named "outputs:exp/ar/checkpoints" below
+    save_checkpoint(ar_dir, 7, {"model": model.state_dict(), "ema": trained.state_dict()})
     save_checkpoint(tmp_path / "tok", 3, {"model": tokenizer.state_dict()})
     tracker = FakeTracker()
-    _run(tmp_path / "run", tracker=tracker, pair=(model, tokenizer), model_checkpoint=tmp_path / "ar",
+    _run(tmp_path / "run", tracker=tracker, pair=(model, tokenizer), model_checkpoint="outputs:exp/ar/checkpoints",
          tokenizer_checkpoint=tmp_path / "tok", samples_per_class=1)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
     assert tracker.params["sample.model_weights"] == "ema" and tracker.params["sample.model_step"] == 7
+    assert model.checkpoint_path == str(ar_dir / "step_00000007")
     assert tracker.params["sample.tokenizer_weights"] == "model"
     with pytest.raises(CheckpointError, match="no 'ema' weights"):
         _run(tmp_path / "run2", tokenizer_checkpoint=tmp_path / "tok", tokenizer_weights="ema")

@@ -3,6 +3,7 @@ concurrent workers on SQLite and PostgreSQL, and heartbeat retry of a killed wor
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
@@ -82,6 +83,7 @@ def seed_mlflow_store(home: Path) -> None:
         from mlflow.tracking import MlflowClient
 
         d = Path(tempfile.mkdtemp(prefix="arforge-mlflow-template-"))
+        atexit.register(shutil.rmtree, d, True)
         MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}").search_experiments()
         _TEMPLATE.append(d / "mlflow.db")
     home.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,14 @@ def test_study_file_parses_without_its_launch_file_and_checks_the_space(tmp_path
     assert str(err.value).startswith(f"{line}:3:") and "Did you mean study.objective?" in str(err.value)
 
 
+def test_bind_splits_between_the_study_and_every_trial():
+    own, trial = studies.split_bindings([
+        "study.n_trials = 3", "x/space.float.low = 0.5", "arforge.study.seed = 2", "SCALE = 2.0",
+        'launch.device = "cuda"', "jobs.studyquad.steps = 2", "jobs.study.x = 1"])
+    assert own == ["study.n_trials = 3", "x/space.float.low = 0.5", "arforge.study.seed = 2", "SCALE = 2.0"]
+    assert trial == ['launch.device = "cuda"', "jobs.studyquad.steps = 2", "jobs.study.x = 1"]
+
+
 def test_bad_space_binding_fails_before_any_trial(tmp_path):
     seed_mlflow_store(_home())
     f = _study_files(tmp_path, n_trials=2, name="typo", extra_study="")
@@ -326,6 +336,10 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path):
     run = next(r for r in runs if r.info.run_name == "trial-0000")
     assert run.info.status == "FAILED" and run.data.tags["arforge.trial_state"] == "FAIL"
     assert "toy failure" in run.data.tags["arforge.error"]
+    # The stored study remembers its space: a changed space must get its own name.
+    f.write_text(f.read_text().replace("x/space.float.high = 3.0", "x/space.float.high = 4.0"))
+    with pytest.raises(ConfigError, match=r"created with a different space .*study\.study_name"):
+        studies.run_study(f, verbose=False, plots=False)
 
 
 def test_objective_missing_stops_the_study_with_a_clear_error(tmp_path):

@@ -10,13 +10,18 @@ the speed does not depend on them. Per model:
   attention-guided 1.75 -> 3.0, w_attn 0.05: §10). Each decode step is split into the
   backbone step, the head's sub-steps (sub-step k runs up to the logits of sub-token k)
   and the logit processing + sampling of each sub-token. ``--steps N`` decodes only the
-  first N positions and extrapolates ``mean step x L``; later positions attend over a
-  longer prefix, so the extrapolation is a slight underestimate (labelled ``extrap``).
+  first N positions and extrapolates ``median step x L`` (the median resists other
+  processes' load on a shared machine); later positions attend over a longer prefix, so
+  the extrapolation is a slight underestimate (labelled ``extrap``). The breakdown
+  columns are medians over the timed steps.
 * **no cache** -- :func:`arforge.generation.no_cache_step`: each position recomputes the
   whole model over its prefix (the backbone once, the head once per sub-token). Its cost
   grows with the position, so it is timed at ``--no-cache-positions`` positions spread
-  over 0 ... L-1 and the full sequence is the sum of the piecewise-linear interpolation
-  (``interp``); ``--no-cache-full`` decodes every position instead (``measured``). IAR2
+  over 0 ... L-1 (the fastest of ``--repeat`` runs each) and the full sequence is the sum
+  of the piecewise-linear interpolation (``interp``); ``--no-cache-full`` decodes every
+  position instead (``measured``). The model's forward computes the heads and logits at
+  every position of the prefix (it has no last-position-only mode), which for IAR2's
+  5-block head with its 4096-way detail MLP is most of the no-cache cost. IAR2
   uses constant CFG (1.75, 1.75) here: the full forward does not expose the class
   attention that adaptive CFG needs (same batch layout, same cost otherwise).
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -163,18 +169,19 @@ def bench_cached(model: ARModel, name: str, sampler, batch: int, steps: int | No
         timer.restore()
     rows = timer.rows
     keys = sorted({k for r in rows for k in r})
-    mean_ms = {k: 1000 * float(np.mean([r.get(k, 0.0) for r in rows])) for k in keys}
-    per_step = wall / n_pos
+    median_ms = {k: 1000 * float(np.median([r.get(k, 0.0) for r in rows])) for k in keys}
+    median_ms["step_mean"] = 1000 * wall / n_pos
+    per_step = wall / n_pos if n_pos == L else median_ms["step"] / 1000
     total = wall if n_pos == L else per_step * L
     return Result(model=name, params_m=model.num_params() / 1e6, L=L, K=model.num_subtokens, batch=batch,
                   path="kv cache", sampler=type(sampler).__name__, positions_timed=n_pos,
                   how="measured" if n_pos == L else "extrap", seconds_per_batch=total,
                   images_per_s=batch / total, tokens_per_s=batch * L / total, ms_per_step=1000 * per_step,
-                  breakdown_ms=mean_ms)
+                  breakdown_ms=median_ms)
 
 
 def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: int, full: bool,
-                   device: torch.device) -> Result:
+                   device: torch.device, repeat: int = 1) -> Result:
     L, K = model.block_size, model.num_subtokens
     labels = torch.arange(batch, device=device) % 1000
     labels_c = model.guided_labels(labels)
@@ -201,13 +208,20 @@ def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: in
         total, timed, how = float(sum(times)), L, "measured"
     else:
         at = sorted({int(round(x)) for x in np.linspace(0, L - 1, max(positions, 2))})
-        times = [step(n) for n in at]
+        times = [min(step(n) for _ in range(max(repeat, 1))) for n in at]
         total = float(np.interp(np.arange(L), at, times).sum())  # piecewise linear in the position
         timed, how = len(at), "interp"
     return Result(model=name, params_m=model.num_params() / 1e6, L=L, K=K, batch=batch, path="no cache",
                   sampler=type(sampler).__name__, positions_timed=timed, how=how, seconds_per_batch=total,
                   images_per_s=batch / total, tokens_per_s=batch * L / total, ms_per_step=1000 * total / L,
                   breakdown_ms={} if full else {f"pos{n}": 1000 * t for n, t in zip(at, times)})
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _table(results: list[Result]) -> str:
@@ -221,6 +235,7 @@ def _table(results: list[Result]) -> str:
             parts += [f"head{k} {b.get(f'head_sub{k}', 0):.1f}" for k in range(r.K)]
             parts += [f"sample{k} {b.get(f'sample_sub{k}', 0):.2f}" for k in range(r.K)]
             parts.append(f"other {b.get('other', 0) + b.get('head_tail', 0):.1f}")
+            parts.append(f"(step median {b.get('step', 0):.1f}, mean {b['step_mean']:.1f})")
             detail = ", ".join(parts)
         else:
             detail = ", ".join(f"{k} {v:.0f}" for k, v in r.breakdown_ms.items()) or "every position"
@@ -242,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache-positions", type=int, default=4,
                     help="no-cache path: positions timed over 0 ... L-1 (0 skips the no-cache path)")
     ap.add_argument("--no-cache-full", action="store_true", help="no-cache path: decode every position")
+    ap.add_argument("--repeat", type=int, default=1, help="no-cache path: runs per timed position (fastest kept)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -255,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
            "processor": platform.processor(), "threads": torch.get_num_threads(), "device": str(device),
            "dtype": args.dtype, "batch": args.batch, "steps": args.steps,
            "no_cache_positions": args.no_cache_positions, "no_cache_full": args.no_cache_full,
+           "repeat": args.repeat, "load_average": _loadavg(),
            "argv": sys.argv[1:] if argv is None else argv}
     print(json.dumps(env))
     results: list[Result] = []
@@ -267,13 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(results[-1:]).splitlines()[-1], flush=True)
             if args.no_cache_positions > 0 or args.no_cache_full:
                 results.append(bench_no_cache(model, name, plain_sampler(), args.batch, args.no_cache_positions,
-                                              args.no_cache_full, device))
+                                              args.no_cache_full, device, args.repeat))
                 print(_table(results[-1:]).splitlines()[-1], flush=True)
         model.release_caches()
         del model
         print(f"# {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     print()
     print(_table(results))
+    print(f"# load average at the end: {_loadavg()} on {os.cpu_count()} CPUs")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)

@@ -3,6 +3,8 @@
     arforge run EXPERIMENT.gin [--bind 'name.param = value' ...]
     arforge plugins [--kind quantizers]
     arforge ui [--port 5000] [--host 127.0.0.1]
+    arforge study STUDY.gin [--storage URL] [--n-trials N] [--bind ...]
+    arforge compare EXPERIMENT [--metric fid] [--param NAME] [--plot out.png]
 
 User mistakes (gin typos, unknown plugins, bad checkpoints, missing weights)
 print one line naming the file/option at fault and exit with status 2; set

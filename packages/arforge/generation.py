@@ -207,7 +207,8 @@ def sampling_settings(num_subtokens: int, sampling: SubTokenSampling | Sequence[
         return tuple(items)
 
     def per(name: str, value: Any) -> list[Any]:
-        vals = list(value) if isinstance(value, (list, tuple)) else [value] * num_subtokens
+        vals = list(value) if isinstance(value, (list, tuple)) else [value]
+        vals = vals * num_subtokens if len(vals) == 1 else vals
         if len(vals) != num_subtokens:
             raise GenerationError(f"{name} has {len(vals)} entries but the model has {num_subtokens} sub-tokens; "
                                   f"give one value or {num_subtokens}")

@@ -393,6 +393,10 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as exc:
+        if type(exc).__name__ == "TrialPruned":  # a study stopped this trial on purpose
+            status = "KILLED"
+        raise
     finally:
         if dist.is_main:
             if generation == _PARSE_GENERATION:

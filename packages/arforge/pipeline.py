@@ -50,7 +50,8 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
             continue
         ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
         t0 = time.time()
-        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings], parent_run_id=ctx.tracker.run_id)
+        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings], parent_run_id=ctx.tracker.run_id,
+                                             reporter=ctx.reporter)
         seconds = time.time() - t0
         ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
         ctx.log(f"stage {path.name} took {seconds:.1f} s")

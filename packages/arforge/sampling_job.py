@@ -63,11 +63,16 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
     """Load ``model`` or ``ema`` weights of an arforge checkpoint directory into ``module`` (strict).
 
     ``which="auto"`` takes ``ema`` when the checkpoint has it, else ``model``.
-    Returns what was loaded (path, step, entry) for logging.
+    ``path`` may be ``outputs:<experiment>/<run>/...`` (:func:`arforge.tracking.resolve_path`).
+    Like :func:`arforge.checkpoint.restore` (``loaders.arforge_checkpoint``), it
+    records the path as ``module.checkpoint_path``. Returns what was loaded
+    (path, step, entry) for logging.
     """
+    from arforge.tracking import resolve_path
+
     if which not in ("auto", "model", "ema"):
         raise ConfigError(f"{what} weights must be 'auto', 'model' or 'ema', not {which!r}")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(resolve_path(path))
     entry = which if which != "auto" else ("ema" if "ema" in ckpt.weights else "model")
     if entry not in ckpt.weights:
         raise CheckpointError(f"{ckpt.path} has no {entry!r} weights (it has {sorted(ckpt.weights)}); "
@@ -79,6 +84,7 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
         raise CheckpointError(f"{ckpt.path} [{entry}] does not fit the configured {what} "
                               f"({type(module).__name__}); check the preset/size in the gin file against the "
                               f"checkpoint. {str(exc)[:1500]}") from exc
+    module.checkpoint_path = str(ckpt.path)
     return {"path": str(ckpt.path), "step": ckpt.step, "weights": entry}
 
 
@@ -134,7 +140,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         tokenizer: its tokenizer (``decode(ids (B, L, S), grid) -> images``).
         sampler: the guidance schedule (``samplers.*``; None: unguided).
         model_checkpoint, tokenizer_checkpoint: arforge checkpoint directories
-            (a ``step_*`` folder, or a run folder with ``latest``) to load strictly.
+            (a ``step_*`` folder, or a ``checkpoints`` folder with ``latest``;
+            ``outputs:<experiment>/<run>/...`` works) to load strictly. Leave them
+            None for components already restored with ``loaders.arforge_checkpoint``.
         model_weights, tokenizer_weights: ``auto`` (``ema`` if present, else
             ``model``), ``model`` or ``ema``.
         temperature, top_k, top_p, greedy: per sub-token (a tuple) or for all (§9.1, §10).
@@ -143,7 +151,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         batch_size: images per decode batch per rank (the caches hold 2× with CFG).
         eval_size: resize to this size before rounding (256 for the 384 px models); None keeps it.
         seed: generation and permutation seed (default ``ctx.seed``).
-        output: the ``.npz`` path (default ``ctx.output_dir / "samples.npz"``); always rewritten whole.
+        output: the ``.npz`` path (default ``ctx.output_dir / "samples.npz"``; ``outputs:...`` works);
+            always rewritten whole.
         grid_classes, grid_samples: the logged grid shows the first classes, one row each.
         progress: a progress bar on rank 0.
 
@@ -168,7 +177,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     sampler = sampler if sampler is not None else NoGuidance()
     settings = sampling_settings(model.num_subtokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  greedy=greedy)
-    out_path = Path(output) if output is not None else Path(ctx.output_dir) / "samples.npz"
+    from arforge.tracking import resolve_path
+
+    out_path = resolve_path(output) if output is not None else Path(ctx.output_dir) / "samples.npz"
     if out_path.suffix != ".npz":
         raise ConfigError(f"output must be a .npz file, got {out_path}")
 
@@ -204,6 +215,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                   "sample.seed": seed, "sample.seeding": "per-sample sha256(seed, index)",
                   "sample.label_scheme": f"exactly {N} per class, seeded permutation",
                   "sample.output": str(out_path)}
+        for what, module in (("model", model), ("tokenizer", tokenizer)):  # restored by loaders.arforge_checkpoint
+            if what not in loaded and getattr(module, "checkpoint_path", None):
+                params[f"sample.{what}_checkpoint"] = str(module.checkpoint_path)
         for what, info in loaded.items():
             params.update({f"sample.{what}_checkpoint": info["path"], f"sample.{what}_step": info["step"],
                            f"sample.{what}_weights": info["weights"]})

@@ -5,7 +5,7 @@ errors) that names a base launch file and a search space over its gin
 parameters::
 
     import arforge.studies                  # lets any gin parser read this file
-    study.launch_file = "../iar2/sample_fid.gin"   # relative to this file
+    study.launch_file = "../iar2/sample_eval.gin"  # relative to this file
     study.objective = "fid"                 # from the job's return dict, else its MLflow metric
     study.direction = "minimize"
     study.n_trials = 32                     # the *total* target, across workers and resumes
@@ -13,7 +13,7 @@ parameters::
         "samplers.cfg_adaptive_attention.w_attn": @w_attn/space.float(),
         "samplers.cfg_constant.scale[0]": @pre/space.float(),   # element 0 of a tuple parameter
         "samplers.cfg_constant.scale[1]": @post/space.float(),
-        "launch.sampler": @space.categorical(),
+        "jobs.sample.sampler": @space.categorical(),           # which registered plugin
     }
     w_attn/space.float.low = 0.0
     w_attn/space.float.high = 0.2
@@ -357,7 +357,8 @@ def study(
         launch_file: the base launch gin file, relative to the study file.
         space: ``{gin_param: @space.float()|@space.int()|@space.categorical()}``;
             ``param[i]`` names element ``i`` of a tuple-valued parameter.
-        objective: metric to optimise: a key of the job's return dict or, failing
+        objective: metric to optimise: a key of the job's return dict (for
+            ``jobs.pipeline``, of the last stage's dict that has it) or, failing
             that, the final value of the trial run's MLflow metric of that name.
             Intermediate values reported under this name drive pruning.
         direction: ``minimize`` or ``maximize``.
@@ -456,12 +457,14 @@ def _check_config(cfg: StudyConfig, path: Path) -> StudyConfig:
 
 
 def resolve_launch_file(cfg: StudyConfig, study_file: str | os.PathLike) -> Path:
-    """``study.launch_file`` against the study file's folder (then the repo root)."""
+    """``study.launch_file`` against the study file's folder (then, unless it starts
+    with ``..``, the repo root)."""
     raw = Path(cfg.launch_file)
     candidates = [raw] if raw.is_absolute() else [Path(study_file).resolve().parent / raw]
     root = _launch.repo_root()
-    if not raw.is_absolute() and root is not None:
+    if not raw.is_absolute() and not cfg.launch_file.startswith("..") and root is not None:
         candidates.append(root / raw)
+    candidates = [Path(os.path.normpath(c)) for c in candidates]
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -882,9 +885,10 @@ class StudyRunner:
             if "arforge.signature" in attrs and attrs["arforge.signature"] != signature:
                 old = attrs["arforge.signature"]
                 diffs = [k for k in signature if old.get(k) != signature[k]]
+                then = json.dumps({k: old.get(k) for k in diffs})
                 raise ConfigError(
                     f"{self.study_file}: study {self.cfg.study_name!r} in {mask_url(self.storage_url)} was "
-                    f"created with a different {', '.join(diffs)} ({json.dumps({k: old.get(k) for k in diffs})}). "
+                    f"created with a different {', '.join(diffs)} (then: {then}). "
                     "Give the new search its own name (--bind 'study.study_name = \"...\"') or delete the old "
                     "study (optuna.delete_study).")
             if "arforge.signature" not in attrs:
@@ -1039,8 +1043,13 @@ class StudyRunner:
 
     def _objective_value(self, result: Any, run_id: str | None) -> float:
         name = self.cfg.objective
+        # A pipeline (jobs.pipeline) returns {stage: result}: take the last stage that has it.
+        stages = [r for r in result.values() if isinstance(r, Mapping) and name in r] \
+            if isinstance(result, Mapping) else []
         if isinstance(result, Mapping) and name in result:
             raw = result[name]
+        elif stages:
+            raw = stages[-1][name]
         else:
             metrics: dict[str, float] = {}
             if run_id is not None:
@@ -1293,7 +1302,6 @@ def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective") ->
     """Optuna's matplotlib plots as PNGs in ``out_dir``: optimisation history,
     intermediate values, parameter importances, slice, and a contour of the two
     leading CFG-scale (else numeric) parameters. Plots that do not apply are skipped."""
-    import optuna
     from optuna.trial import TrialState
 
     _use_agg()
@@ -1339,7 +1347,6 @@ def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective") ->
                 plt.close(fig)
             else:
                 plt.close("all")
-    del optuna
     return written
 
 

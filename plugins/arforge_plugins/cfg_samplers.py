@@ -13,6 +13,10 @@ whose scale is 1 gets the conditional logits unchanged.
 
 Scales given as one number apply to every sub-token; a tuple gives one value
 per sub-token ((pre, post) for Open-MAGVIT2, (semantic, detail) for IAR2).
+In a gin file::
+
+    jobs.sample.sampler = @samplers.cfg_adaptive_attention()
+    samplers.cfg_adaptive_attention.sem_end = 3.0      # upstream cfg-scale1_2
 """
 
 from __future__ import annotations

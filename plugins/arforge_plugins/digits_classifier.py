@@ -118,6 +118,9 @@ class DigitsClassifier(nn.Module):
 
 def digits_classifier(*, path: str | os.PathLike) -> DigitsClassifier:
     """The digits classifier feature extractor, loaded from ``path`` (written by jobs.train_feature_extractor)."""
+    from arforge.tracking import resolve_path
+
+    path = resolve_path(path) if path is not None else None  # "outputs:<experiment>/<run>/..."
     if path is None or not Path(path).is_file():
         raise CheckpointError(f"feature_extractors.digits_classifier.path = {path!r} is not a file; train one "
                               "with jobs.train_feature_extractor (it writes feature_extractor.safetensors)")

@@ -63,6 +63,9 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
     Returns:
         The metrics: ``fid``, ``sfid``, ``is``, ``precision``, ``recall`` (those the extractor supports).
     """
+    from arforge.tracking import resolve_path
+
+    samples, reference = resolve_path(samples), resolve_path(reference)  # "outputs:<experiment>/<run>/..."
     for what, path in (("samples", samples), ("reference", reference)):
         if not Path(path).is_file():
             raise ConfigError(f"jobs.evaluate_samples.{what} = {str(path)!r} is not a file")
@@ -201,7 +204,9 @@ def make_reference(ctx, *, dataset, output: str | os.PathLike, num_images: int |
     if not 2 <= n <= total:
         raise ConfigError(f"jobs.make_reference.num_images = {num_images} must be between 2 and the dataset's "
                           f"{total} images")
-    output = Path(output)
+    from arforge.tracking import resolve_path
+
+    output = resolve_path(output)
     if output.suffix != ".npz":
         raise ConfigError(f"jobs.make_reference.output = {str(output)!r} must end in .npz")
     if not ctx.is_main:
