@@ -383,7 +383,8 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         out = obj[0]
     ctx = RunContext(experiment=experiment, run_name=run_name, output_dir=out, tracker=tracker,
                      device=torch_device, precision=prec, seed=seed, dist=dist, resume=resuming,
-                     config_file=_CURRENT.get("config_file"), reporter=_CURRENT.get("reporter"))
+                     config_file=_CURRENT.get("config_file"), reporter=_CURRENT.get("reporter"),
+                     extra={"bindings": list(_CURRENT.get("bindings", []))})
     status = "FAILED"
     generation = _PARSE_GENERATION
     try:
@@ -426,6 +427,7 @@ def run_file(config_file: str | os.PathLike | None, bindings: Sequence[str] = ()
     _CURRENT["config_file"] = str(Path(config_file).resolve()) if config_file else None
     _CURRENT["parent_run_id"] = parent_run_id
     _CURRENT["reporter"] = reporter
+    _CURRENT["bindings"] = list(bindings)
     try:
         return launch()
     except ArforgeError:

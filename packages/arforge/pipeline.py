@@ -9,7 +9,9 @@ A pipeline file lists stage launch files (paths relative to it)::
 
 Each stage is parsed on its own (its gin config replaces the pipeline's; the
 pipeline's operative config is logged first) and runs as an MLflow run nested
-under the pipeline run, in the pipeline's experiment. Stages pass results on
+under the pipeline run, in the pipeline's experiment. Bindings given to the
+pipeline launch (``--bind``, a study trial's suggestions) are applied to every
+stage, so a CFG study can run a sample-then-evaluate pipeline. Stages pass results on
 through their output folders (``outputs:<experiment>/<run_name>/...``). The
 time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``.
 """
@@ -44,13 +46,17 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
         raise ConfigError(f"{ctx.config_file}: jobs.pipeline.stages names missing files: {', '.join(missing)}")
     ctx.tracker.log_text(gin.operative_config_str(), "config/pipeline_operative_config.gin")
     own_bindings = [f'launch.experiment = "{ctx.experiment}"']
+    # Bindings given to the pipeline launch (--bind, a study trial's suggestions) reach every
+    # stage, except launch.* which each stage sets for itself.
+    forwarded = [b for b in ctx.extra.get("bindings", []) if not b.strip().startswith("launch.")]
     results: dict[str, Any] = {}
     for i, path in enumerate(paths):
         if only and path.stem not in only:
             continue
         ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
         t0 = time.time()
-        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings], parent_run_id=ctx.tracker.run_id,
+        results[path.stem] = launch.run_file(path, [*own_bindings, *forwarded, *bindings],
+                                             parent_run_id=ctx.tracker.run_id,
                                              reporter=ctx.reporter)
         seconds = time.time() - t0
         ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
