@@ -314,6 +314,7 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         raise ConfigError(f"launch.resume must be 'auto', 'never' or 'must', not {resume!r}")
     job_name = getattr(job, "__name__", type(job).__name__)
     run_name = run_name or job_name
+    os.environ["ARFORGE_EXPERIMENT"] = experiment  # "pipeline:" paths outside a pipeline
     torch_device = dev.resolve_device(device)
     prec = dev.Precision(precision)
     dist = dev.init_distributed(torch_device)

@@ -18,6 +18,7 @@ time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,8 +36,6 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
         bindings: extra gin bindings applied to every stage (e.g. a shorter budget).
         only: run just these stages (file stems), e.g. to redo sampling and evaluation.
     """
-    from arforge import launch
-
     if ctx.config_file is None:
         raise ConfigError("jobs.pipeline must be launched from a gin file (its stages are relative to it)")
     base = Path(ctx.config_file).parent
@@ -50,6 +49,21 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
     # stage, except launch.* which each stage sets for itself.
     forwarded = [b for b in ctx.extra.get("bindings", []) if not b.strip().startswith("launch.")]
     results: dict[str, Any] = {}
+    previous_dir = os.environ.get("ARFORGE_PIPELINE_DIR")
+    os.environ["ARFORGE_PIPELINE_DIR"] = str(ctx.output_dir)  # resolves "pipeline:<file>" paths
+    try:
+        _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results)
+    finally:
+        if previous_dir is None:
+            os.environ.pop("ARFORGE_PIPELINE_DIR", None)
+        else:
+            os.environ["ARFORGE_PIPELINE_DIR"] = previous_dir
+    return results
+
+
+def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) -> None:
+    from arforge import launch
+
     for i, path in enumerate(paths):
         if only and path.stem not in only:
             continue
@@ -61,4 +75,3 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
         seconds = time.time() - t0
         ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
         ctx.log(f"stage {path.name} took {seconds:.1f} s")
-    return results

@@ -51,10 +51,20 @@ def resolve_path(path: str | os.PathLike) -> Path:
     gin without knowing where ``ARFORGE_HOME`` is::
 
         loaders.arforge_checkpoint.checkpoint = "outputs:quickstart/tokenizer/checkpoints"
+
+    ``pipeline:<file>`` names a file in the folder of the enclosing ``jobs.pipeline``
+    run (or of the experiment, outside a pipeline): stages of one pipeline share it.
     """
     text = str(path)
     if text.startswith("outputs:"):
         return home() / "outputs" / text[len("outputs:"):].lstrip("/")
+    if text.startswith("pipeline:"):
+        # Inside jobs.pipeline: the pipeline run's own folder, so that concurrent pipelines (study
+        # trials) never share files; outside one: the launch's experiment folder.
+        base = os.environ.get("ARFORGE_PIPELINE_DIR")
+        if not base:
+            base = str(home() / "outputs" / os.environ.get("ARFORGE_EXPERIMENT", "default"))
+        return Path(base) / text[len("pipeline:"):].lstrip("/")
     return Path(path)
 
 
