@@ -29,12 +29,12 @@ def test_quickstart_pipeline_tiny_budget(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
 
-    outputs = home / "outputs" / "quickstart"
+    outputs = home / "outputs" / "quickstart" / "pipeline"
     assert (outputs / "tokenizer" / "checkpoints" / "latest").is_file()
     assert (outputs / "extract" / "codes" / "manifest.json").is_file()
     assert (outputs / "ar" / "checkpoints" / "latest").is_file()
     assert (outputs / "classifier" / "feature_extractor.safetensors").is_file()
-    samples = np.load(outputs / "pipeline" / "samples.npz")
+    samples = np.load(outputs / "sample" / "samples.npz")
     assert samples["arr_0"].shape == (40, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
     assert np.bincount(samples["arr_1"], minlength=10).tolist() == [4] * 10
     reference = np.load(outputs / "reference" / "val_digits.npz")

@@ -174,11 +174,11 @@ def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *
     try:
         _guarded(lambda: gin.parse_config_files_and_bindings(files, [], finalize_config=False),
                  config_file=str(config_file) if config_file else None)
+        # Bindings are parsed one by one so an error names the --bind at fault.
+        for binding in bindings:
+            _guarded(lambda b=binding: gin.parse_config(b), binding=binding)
     finally:
         logging.getLogger().removeFilter(quiet)
-    # Bindings are parsed one by one so an error names the --bind at fault.
-    for binding in bindings:
-        _guarded(lambda b=binding: gin.parse_config(b), binding=binding)
 
 
 def _guarded(fn: Callable[[], Any], *, config_file: str | None = None, binding: str | None = None) -> None:
@@ -252,6 +252,17 @@ class RunContext:
             print(f"[{self.run_name}] {msg}", flush=True)
 
 
+def default_output_dir(experiment: str, run_name: str) -> Path:
+    """``$ARFORGE_HOME/outputs/<experiment>/<run_name>``; inside ``jobs.pipeline``, the
+    pipeline run's folder ``.../<pipeline run>/<run_name>`` (so its stages, and
+    ``pipeline:<stage>/...`` paths, belong to that pipeline run alone)."""
+    from arforge import tracking
+
+    base = os.environ.get("ARFORGE_PIPELINE_DIR")
+    root = Path(base) if base else tracking.home() / "outputs" / _safe_dirname(experiment)
+    return root / _safe_dirname(run_name)
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -318,7 +329,7 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
     torch_device = dev.resolve_device(device)
     prec = dev.Precision(precision)
     dist = dev.init_distributed(torch_device)
-    out = Path(output_dir) if output_dir else tracking.home() / "outputs" / _safe_dirname(experiment) / _safe_dirname(run_name)
+    out = Path(output_dir) if output_dir else default_output_dir(experiment, run_name)
     state_file = out / "run.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else None
     resuming = bool(previous) and previous.get("status") != "FINISHED" and resume != "never"
@@ -358,7 +369,8 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         tracker = tracking.MlflowTracker(run_id)
         out.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"run_id": run_id, "status": "RUNNING", "experiment": experiment,
-                                          "run_name": run_name, "started": time.time()}))
+                                          "run_name": run_name, "config_file": _CURRENT.get("config_file"),
+                                          "started": time.time()}))
         reg_ = reg.registry()
         config_file = _CURRENT.get("config_file")
         plugin_dists = reg_.distributions()

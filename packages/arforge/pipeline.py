@@ -67,6 +67,10 @@ def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) ->
     for i, path in enumerate(paths):
         if only and path.stem not in only:
             continue
+        done = _finished_stage(ctx, path)
+        if done is not None:  # a resumed pipeline keeps the stages it already finished
+            ctx.log(f"stage {path.name} already finished in {done}; skipped")
+            continue
         ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
         t0 = time.time()
         results[path.stem] = launch.run_file(path, [*own_bindings, *forwarded, *bindings],
@@ -75,3 +79,19 @@ def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) ->
         seconds = time.time() - t0
         ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
         ctx.log(f"stage {path.name} took {seconds:.1f} s")
+
+
+def _finished_stage(ctx, path: Path) -> Path | None:
+    """The output folder of ``path``'s stage if this (resumed) pipeline run already finished it."""
+    import json
+
+    if not ctx.resume:
+        return None
+    for run_json in Path(ctx.output_dir).glob("*/run.json"):
+        try:
+            state = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("status") == "FINISHED" and state.get("config_file") == str(path.resolve()):
+            return run_json.parent
+    return None
