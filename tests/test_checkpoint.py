@@ -160,6 +160,9 @@ def test_bare_state_dict_container():
     assert where == "(bare state dict)" and set(got) == {"a", "b"}
     with pytest.raises(ck.CheckpointError, match="no weights found"):
         ck.unwrap_container({"optimizer": {}, "steps": 1})
+    with pytest.raises(ck.CheckpointError, match="no 'ema' entry"):
+        ck.unwrap_container({"model": sd, "steps": 1}, prefer="ema")
+    assert ck.unwrap_container({"model": sd, "ema": {"a": torch.zeros(1)}}, prefer="ema")[1] == "ema"
 
 
 def test_save_weights_round_trip(tmp_path):

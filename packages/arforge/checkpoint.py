@@ -367,6 +367,10 @@ def unwrap_container(obj: Any, *, prefer: str = "model") -> tuple[dict[str, torc
         raise CheckpointError(f"expected a dict-like checkpoint, got {type(obj).__name__}")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj), "(bare state dict)"
+    if prefer not in ("model", "state_dict", "module") and "model" in obj and prefer not in obj:
+        # Asking for EMA weights and silently getting the raw ones would corrupt a comparison.
+        raise CheckpointError(f"the checkpoint has no '{prefer}' entry (top-level keys: "
+                              f"{sorted(map(str, obj))[:12]}); choose weights='model'")
     for key in (prefer, "state_dict", "module", "model"):
         if key in obj and isinstance(obj[key], Mapping):
             return dict(obj[key]), key

@@ -73,7 +73,9 @@ def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) ->
             continue
         ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
         t0 = time.time()
-        results[path.stem] = launch.run_file(path, [*own_bindings, *forwarded, *bindings],
+        # Order matters: the pipeline file's own bindings, then the launch's (--bind, a trial's
+        # suggestions), which therefore win.
+        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings, *forwarded],
                                              parent_run_id=ctx.tracker.run_id,
                                              reporter=ctx.reporter)
         seconds = time.time() - t0
