@@ -47,7 +47,8 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
     own_bindings = [f'launch.experiment = "{ctx.experiment}"']
     # Bindings given to the pipeline launch (--bind, a study trial's suggestions) reach every
     # stage, except launch.* which each stage sets for itself.
-    forwarded = [b for b in ctx.extra.get("bindings", []) if not b.strip().startswith("launch.")]
+    forwarded = [b for b in ctx.extra.get("bindings", [])
+                 if not b.strip().removeprefix("arforge.").startswith("launch.")]
     results: dict[str, Any] = {}
     previous_dir = os.environ.get("ARFORGE_PIPELINE_DIR")
     os.environ["ARFORGE_PIPELINE_DIR"] = str(ctx.output_dir)  # resolves "pipeline:<file>" paths

@@ -998,6 +998,10 @@ class StudyRunner:
                                       parent_run_id=self.parent_run_id, reporter=self._reporter(trial))
             run_id = self._new_run(before)
             value = self._objective_value(result, run_id)
+            if run_id is not None:  # the trial's own run carries its objective (a pipeline's stages log it below)
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient().log_metric(run_id, self.cfg.objective, float(value))
             state = "COMPLETE"
             return value
         except optuna.TrialPruned:
@@ -1444,9 +1448,16 @@ def compare_runs(experiment: str, *, metric: str | None = None, param: str | Non
         known = sorted({m for r in runs for m in r.data.metrics})
         raise ArforgeError(f"no run of experiment {experiment!r} logged metric {metric!r}; "
                            f"metrics: {', '.join(known) or '(none)'} (choose one with --metric)")
-    keys = sorted({k for r in runs for k in r.data.params} - _SKIP_PARAMS)
-    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    # A run whose parent (a study trial, a pipeline) logged the same metric is summarised by
+    # that parent: show the parent only, so each comparison appears once.
+    has_metric = {r.info.run_id for r in runs if metric in r.data.metrics}
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in has_metric]
+    shown = [r for r in runs if metric in r.data.metrics] or runs
+    keys = sorted({k for r in shown for k in r.data.params} - _SKIP_PARAMS)
+    differing = [k for k in keys if len({r.data.params.get(k) for r in shown}) > 1]
     trial_keys = {k[len("trial."):] for k in differing if k.startswith("trial.")}
+    if trial_keys:  # a study's runs differ by its search space; everything else is noise
+        differing = [k for k in differing if k.startswith("trial.")]
     differing = [k for k in differing if not (k.startswith("gin.") and k[len("gin."):] in trial_keys)]
     with_metric = [r for r in runs if metric in r.data.metrics]
     with_metric.sort(key=lambda r: r.data.metrics[metric], reverse=not ascending)
