@@ -117,6 +117,25 @@ class Precision:
         return torch.amp.GradScaler(device.type, enabled=self.needs_scaler and device.type != "cpu")
 
 
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Disable autocast on the CPU, CUDA and the tensors' own device: quantizer lookups and
+    entropy terms run in fp32 whatever precision the surrounding step uses
+    (``tokenizers.md`` §2.9a: under bf16 autocast upstream's entropies are off by 3x)."""
+    with contextlib.ExitStack() as stack:
+        for dt in dict.fromkeys(("cpu", "cuda", device_type)):
+            try:
+                stack.enter_context(torch.autocast(device_type=dt, enabled=False))
+            except RuntimeError:  # a device type without autocast support: nothing to disable
+                pass
+        yield
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 # ----------------------------------------------------------------- distributed
 @dataclass(frozen=True)
 class DistInfo:

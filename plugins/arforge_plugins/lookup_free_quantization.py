@@ -25,13 +25,14 @@ values are computed exactly, in fp32 whatever autocast is active (§2.9):
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from arforge.device import at_least_fp32, full_precision
 from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
 
@@ -125,21 +126,6 @@ def sub_codes(bits: int, *, device: torch.device | None = None,
 
 
 # ============================================================== exact entropy terms
-@contextlib.contextmanager
-def full_precision(device_type: str) -> Iterator[None]:
-    """Disable autocast on the CPU, CUDA and the tensors' own device (§2.9a)."""
-    with contextlib.ExitStack() as stack:
-        for dt in dict.fromkeys(("cpu", "cuda", device_type)):
-            try:
-                stack.enter_context(torch.autocast(device_type=dt, enabled=False))
-            except RuntimeError:  # a device type without autocast support: nothing to disable
-                pass
-        yield
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def binary_entropy_of_logit(x: torch.Tensor) -> torch.Tensor:

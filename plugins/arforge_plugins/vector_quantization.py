@@ -14,14 +14,13 @@ squared distance (the largest cosine similarity); the straight-through output is
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from arforge.device import at_least_fp32, full_precision
 from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
 
@@ -31,22 +30,6 @@ BATCH_ENTROPY_EPS = 1e-5
 LOOKUP_BLOCK = 4096
 
 
-@contextlib.contextmanager
-def full_precision(device_type: str) -> Iterator[None]:
-    """Disable autocast on the CPU, CUDA and the tensors' own device: lookups and
-    entropies run in fp32 whatever precision the surrounding step uses."""
-    with contextlib.ExitStack() as stack:
-        for dt in dict.fromkeys(("cpu", "cuda", device_type)):
-            try:
-                stack.enter_context(torch.autocast(device_type=dt, enabled=False))
-            except RuntimeError:  # a device type without autocast support: nothing to disable
-                pass
-        yield
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 stay as they are."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def squared_distances(z_hat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
