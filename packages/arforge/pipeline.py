@@ -59,6 +59,11 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
             os.environ.pop("ARFORGE_PIPELINE_DIR", None)
         else:
             os.environ["ARFORGE_PIPELINE_DIR"] = previous_dir
+    from arforge import tracking
+
+    ctx.log(f"outputs (checkpoints, codes, samples) in {ctx.output_dir}")
+    ctx.log(f"runs, metrics and pictures in {tracking.tracking_uri()}; open them with `arforge ui` "
+            f"(http://127.0.0.1:5000, experiment {ctx.experiment!r})")
     return results
 
 
