@@ -58,6 +58,9 @@ def test_quickstart_pipeline_tiny_budget(tmp_path):
     assert "val/psnr" in by_name["tokenizer"].data.metrics
     assert "train/loss" in by_name["ar"].data.metrics
     assert by_name["classifier"].data.metrics["val/accuracy"] > 0.5
+    # The FID run carries the sampler's settings next to its metrics (for arforge compare).
+    assert by_name["evaluate"].data.params["sample.temperature"] == by_name["sample"].data.params["sample.temperature"]
+    assert any(k.startswith("cfg.") for k in by_name["evaluate"].data.params)
     metrics = by_name["evaluate"].data.metrics
     for key in ("fid", "is", "precision", "recall"):
         assert np.isfinite(metrics[key]), key

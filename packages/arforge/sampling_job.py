@@ -29,6 +29,7 @@ Output
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -277,6 +278,12 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     if dist.is_main:
         assert images is not None and labels_out is not None
         write_adm_npz(out_path, images, labels_out)
+        # The sampler's settings travel with the samples, so the run that evaluates them can log
+        # them next to its FID (jobs.evaluate_samples reads <samples>.json).
+        sidecar = out_path.with_name(out_path.name + ".json")
+        tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"params": {k: str(v) for k, v in params.items()}}, indent=1, sort_keys=True))
+        os.replace(tmp, sidecar)
         cols = min(grid_samples, N)
         rows = [np.stack([grid_rows[c][j] for j in range(cols)]) for c in sorted(grid_rows)]
         ctx.tracker.log_image(image_grid(np.concatenate(rows), nrow=cols), "samples/grid.png")

@@ -16,6 +16,8 @@ sample count and the seed are recorded (evaluation.md §1 step 4).
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,14 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
                           "arforge.eval.num_samples": info.get("num_samples", "?"),
                           "arforge.eval.seed": str(seed)})
     ctx.tracker.log_params(_params("eval", info))
+    sidecar = Path(str(samples) + ".json")  # written by jobs.sample: the sampler's settings
+    if sidecar.is_file():
+        try:
+            sampled = json.loads(sidecar.read_text()).get("params", {})
+        except ValueError:
+            sampled = {}
+        if sampled:  # FID and the settings that produced it on one run, for arforge compare
+            ctx.tracker.log_params(sampled)
     ctx.tracker.log_metrics(metrics, step=int(info.get("num_samples", 0) or 0))
     ctx.tracker.log_dict({"metrics": metrics, **info}, "eval/results.json")
     ctx.log("  ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f"  ({info.get('backend')})")
