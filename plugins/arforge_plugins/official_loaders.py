@@ -1,0 +1,94 @@
+"""Gin-facing loaders for the official upstream checkpoints (``checkpoints.md``).
+
+Each returns the module it was given, with the official weights loaded through
+the strict, explicit key maps of ``ar_checkpoints.py`` / ``tokenizer_checkpoints.py``
+(``torch.load(weights_only=True)`` plus the ``argparse.Namespace`` allow-list).
+A launch names them like ``loaders.arforge_checkpoint``::
+
+    jobs.sample.model = @model/loaders.official_llamagen_gpt()
+    model/loaders.official_llamagen_gpt.module = %MODEL
+    model/loaders.official_llamagen_gpt.checkpoint = "/ckpts/c2i_B_256.pt"
+
+The file path is recorded on the module as ``checkpoint_path`` and its SHA-256
+as ``checkpoint_sha256`` (sample metadata names the exact file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from torch import nn
+
+from arforge.checkpoint import CheckpointError
+
+from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+
+
+def _path(checkpoint: str | os.PathLike, what: str) -> Path:
+    p = Path(checkpoint).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{what}: checkpoint {p} does not exist; download the official release file "
+                              "and give its path (arforge never downloads weights)")
+    return p
+
+
+def _record(module: nn.Module, path: Path) -> nn.Module:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    module.checkpoint_path = str(path)
+    module.checkpoint_sha256 = h.hexdigest()
+    return module
+
+
+def official_llamagen_gpt(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
+    """LlamaGen/IAR GPT: ``c2i_*.pt`` (DDP ``model``/``ema``) or FSDP ``consolidated.pth`` (§3)."""
+    path = _path(checkpoint, "loaders.official_llamagen_gpt")
+    ar_checkpoints.load_llamagen_gpt(module, path, weights=weights)
+    return _record(module, path)
+
+
+def official_open_magvit2_ar(*, module: nn.Module, checkpoint: str | os.PathLike,
+                             tokenizer: nn.Module | None = None) -> nn.Module:
+    """Open-MAGVIT2 ``AR_256_{B,L,XL}.ckpt`` (§5); with ``tokenizer``, also its embedded tokenizer."""
+    path = _path(checkpoint, "loaders.official_open_magvit2_ar")
+    result = ar_checkpoints.load_open_magvit2_ar(module, path)
+    if tokenizer is not None:
+        if not result.tokenizer_state:
+            raise CheckpointError(f"{path} embeds no first_stage_model.* tokenizer weights")
+        tokenizer_checkpoints.load_open_magvit2_tokenizer(tokenizer, {"state_dict": result.tokenizer_state},
+                                                          which="model")
+        _record(tokenizer, path)
+    return _record(module, path)
+
+
+def official_iar2_gpt(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
+    """IAR2 GPT: ``IAR2-{B,L,XXL}.pth`` (FSDP) or ``IAR2-XL.pt`` (DDP) (§7)."""
+    path = _path(checkpoint, "loaders.official_iar2_gpt")
+    ar_checkpoints.load_iar2_gpt(module, path, weights=weights)
+    return _record(module, path)
+
+
+def official_llamagen_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
+    """LlamaGen VQ-16/VQ-8 ``vq_ds{16,8}_c2i.pt`` (§2); ``weights='ema'`` for reconstruction metrics."""
+    path = _path(checkpoint, "loaders.official_llamagen_vq")
+    tokenizer_checkpoints.load_llamagen_vq(module, path, which=weights)
+    return _record(module, path)
+
+
+def official_iar2_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
+    """IAR2 stage-2 tokenizer ``0485000.pt`` (§6)."""
+    path = _path(checkpoint, "loaders.official_iar2_vq")
+    tokenizer_checkpoints.load_iar2_vq(module, path, which=weights)
+    return _record(module, path)
+
+
+def official_open_magvit2_tokenizer(*, module: nn.Module, checkpoint: str | os.PathLike,
+                                    weights: str = "ema") -> nn.Module:
+    """Open-MAGVIT2 ``imagenet_{256,128}_L.ckpt`` (§4): EMA weights by default (as rFID was reported)."""
+    path = _path(checkpoint, "loaders.official_open_magvit2_tokenizer")
+    tokenizer_checkpoints.load_open_magvit2_tokenizer(module, path, which=weights)
+    return _record(module, path)
