@@ -1,6 +1,6 @@
 """The ``arforge`` command.
 
-    arforge run EXPERIMENT.gin [--bind 'name.param = value' ...]
+    arforge run EXPERIMENT.gin [--bind 'name.param = value' ...] [--dry-run]
     arforge plugins [--kind quantizers]
     arforge ui [--port 5000] [--host 127.0.0.1]
     arforge study STUDY.gin [--storage URL] [--n-trials N] [--bind ...]
@@ -24,6 +24,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from arforge import dryrun
+
+        dryrun.print_report(dryrun.dry_run(args.config, args.bind))
+        return 0
     from arforge import launch
 
     launch.run_file(args.config, args.bind)
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="the launch .gin file")
     r.add_argument("--bind", "-b", action="append", default=[],
                    help="an extra gin binding, e.g. 'jobs.train_ar.steps = 10' (repeatable)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="build the components on the meta device and check that they fit; no data, no weights")
     r.set_defaults(fn=_cmd_run)
 
     pl = sub.add_parser("plugins", help="list every registered component")

@@ -106,6 +106,14 @@ PRESET_PARAMS: dict[str, int] = {
 }
 
 
+def _documented(model: ARModel, family: str, size: str | ARSize, at_defaults: bool) -> ARModel:
+    """Attach the preset's documented parameter count (checked by ``arforge run --dry-run``)."""
+    key = f"{family}/{size}" if isinstance(size, str) else None
+    model.preset = key
+    model.documented_params = PRESET_PARAMS.get(key) if key and at_defaults else None
+    return model
+
+
 def _size(table: dict[str, ARSize], size: str | ARSize, family: str) -> ARSize:
     if isinstance(size, ARSize):
         return size
@@ -139,9 +147,10 @@ def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_siz
                              ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation,
                              rope_repeat_interleave=rope_repeat_interleave, final_norm=False)
     head = LinearHead(dim=s.dim, vocab_size=vocab_size)
-    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
-                   class_dropout_p=class_dropout_p, cluster_size=cluster_size,
-                   cluster_loss_weight=cluster_loss_weight)
+    model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                    class_dropout_p=class_dropout_p, cluster_size=cluster_size,
+                    cluster_loss_weight=cluster_loss_weight)
+    return _documented(model, "llamagen_gpt", size, vocab_size == 16384 and num_classes == 1000)
 
 
 def iar_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: int = 256, num_classes: int = 1000,
@@ -182,8 +191,9 @@ def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] 
     head = NextSubtokenHead(dim=s.dim, n_layer=s.head_layers, n_head=s.n_head, vocab_sizes=fact.vocab_sizes,
                             resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
                             cls_zero_rotation=cls_zero_rotation)
-    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
-                   class_dropout_p=class_dropout_p)
+    model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                    class_dropout_p=class_dropout_p)
+    return _documented(model, "open_magvit2_ar", size, tuple(factorized_bits) == (6, 12) and num_classes == 1000)
 
 
 def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size: int = 4096, block_size: int = 576,
@@ -212,5 +222,6 @@ def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size:
                               n_layer=s.head_layers, vocab_sizes=fact.vocab_sizes,
                               resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
                               cls_zero_rotation=cls_zero_rotation, rope_repeat_interleave=rope_repeat_interleave)
-    return ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
-                   class_dropout_p=class_dropout_p, loss_weights=(semantic_loss_weight, 1.0))
+    model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
+                    class_dropout_p=class_dropout_p, loss_weights=(semantic_loss_weight, 1.0))
+    return _documented(model, "iar2_gpt", size, (semantic_size, detail_size, num_classes) == (256, 4096, 1000))
