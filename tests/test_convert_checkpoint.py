@@ -21,6 +21,7 @@ spec.loader.exec_module(convert_checkpoint)
 TINY = {  # format -> (preset, official exporter, container)
     "llamagen_gpt": ("gin/models/tiny_llamagen.gin", "export_llamagen_gpt", "model"),
     "iar2_gpt": ("gin/models/tiny_iar2.gin", "export_iar2_gpt", "bare"),
+    "open_magvit2_ar": ("gin/models/tiny_open_magvit2.gin", "export_open_magvit2_ar", "state_dict"),
 }
 
 
