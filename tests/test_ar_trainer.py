@@ -291,3 +291,24 @@ def test_codes_that_do_not_fit_are_clear_errors(tmp_path):
     short = CodesDataset(torch.zeros(8, 9, 1, dtype=torch.long), torch.zeros(8))
     with pytest.raises(ArforgeError, match="block_size is 16"):
         train_ar(local_context(tmp_path), model=model, dataset=short, steps=1, batch_size=4)
+
+
+def test_on_the_fly_tokenisation_of_images(tmp_path):
+    """Open-MAGVIT2 trains its AR model on images tokenised on the fly by the frozen tokenizer."""
+    from arforge.data.digits import DigitsDataset
+    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.open_magvit2_tokenizer import open_magvit2_tokenizer
+    from arforge_plugins.token_factorizations import BitSplitFactorization
+
+    torch.manual_seed(0)
+    tok = open_magvit2_tokenizer(quantizer=LookupFreeQuantizer(bits=18), preset="tiny")  # 2x: 8 px -> 4x4
+    fac = BitSplitFactorization(bits=(6, 12))
+    model = build_model(fac, NextSubtokenHead(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=fac.vocab_sizes))
+    images = DigitsDataset(split="val", image_size=8)
+    res = train_ar(local_context(tmp_path), model=model, dataset=images, tokenizer=tok, steps=3, batch_size=8,
+                   lr=1e-3, log_every=1, log_checkpoint=False)
+    assert math.isfinite(res["loss"]) and not any(p.requires_grad for p in tok.parameters())
+    with pytest.raises(ArforgeError, match="16 px images give 8x8 tokens but the model's block_size is 16"):
+        train_ar(local_context(tmp_path / "x"), model=model, dataset=DigitsDataset(split="val", image_size=16),
+                 tokenizer=tok, steps=1, batch_size=8)

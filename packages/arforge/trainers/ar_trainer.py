@@ -55,6 +55,27 @@ def check_dataset_fits(model: nn.Module, dataset) -> None:
                            "set the model's block_size to the tokenizer's grid (h*w)")
 
 
+def _collate_images(batch):
+    images = torch.stack([torch.as_tensor(b[0]) for b in batch])  # (B, 3, H, W)
+    labels = torch.as_tensor([int(b[1]) for b in batch])
+    return images, labels
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer: nn.Module, dataset) -> None:
+    """On-the-fly tokenisation: the tokenizer's ids must fit the factorization, its grid the model."""
+    fac = _unwrap(model).factorization
+    if tuple(tokenizer.codebook_sizes) != tuple(fac.codebook_sizes):
+        raise ArforgeError(f"the tokenizer's codebook sizes {tuple(tokenizer.codebook_sizes)} differ from the "
+                           f"factorization's {tuple(fac.codebook_sizes)} ({type(fac).__name__})")
+    image = torch.as_tensor(dataset[0][0])
+    if image.dim() != 3:
+        raise ArforgeError(f"with a tokenizer, the AR dataset must yield images (3, H, W), not {tuple(image.shape)}")
+    h, w = image.shape[-2] // tokenizer.downsample, image.shape[-1] // tokenizer.downsample
+    if h * w != _unwrap(model).block_size:
+        raise ArforgeError(f"{image.shape[-1]} px images give {h}x{w} tokens but the model's block_size is "
+                           f"{_unwrap(model).block_size}")
+
+
 def _wrap(model: nn.Module, parallel: str, ctx) -> nn.Module:
     if not ctx.dist.enabled or parallel == "none":
         return model
@@ -121,6 +142,7 @@ def train_ar(
     *,
     model: nn.Module,
     dataset,
+    tokenizer: nn.Module | None = None,
     steps: int,
     batch_size: int,
     lr: float = 1e-4,
@@ -145,7 +167,10 @@ def train_ar(
 
     Args:
         model: an ``ARModel`` (e.g. ``@models.llamagen_gpt()``).
-        dataset: token codes, items ``(codes (L, S), label)`` (``@datasets.token_codes()``).
+        dataset: token codes, items ``(codes (L, S), label)`` (``@datasets.token_codes()``); or,
+            with ``tokenizer``, images ``(image, label)`` tokenised on the fly.
+        tokenizer: a frozen, trained tokenizer that encodes each batch of images (Open-MAGVIT2's AR
+            training, ar_models.md §7: random crops of the images, no pre-extracted codes).
         steps: optimizer steps.
         batch_size: per-rank micro-batch; global batch = batch_size x grad_accum x world size.
         lr / betas / weight_decay: AdamW (ar_models.md §7: 1e-4, (0.9, 0.95), 0.05).
@@ -165,7 +190,11 @@ def train_ar(
     if grad_accum < 1:
         raise ArforgeError(f"jobs.train_ar.grad_accum must be >= 1, not {grad_accum}")
     device = ctx.device
-    check_dataset_fits(model, dataset)
+    if tokenizer is None:
+        check_dataset_fits(model, dataset)
+    else:
+        tokenizer = tokenizer.to(device).eval().requires_grad_(False)
+        check_tokenizer_fits(model, tokenizer, dataset)
     model = model.to(device)
     inner = model
     fac = inner.factorization
@@ -179,7 +208,8 @@ def train_ar(
     if ema_decay and fsdp:
         raise ArforgeError("EMA with FSDP is not supported: the IAR2/LlamaGen FSDP recipes use no EMA")
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
-                            world_size=ctx.dist.world_size, num_workers=num_workers, collate_fn=_collate_codes)
+                            world_size=ctx.dist.world_size, num_workers=num_workers,
+                            collate_fn=_collate_images if tokenizer is not None else _collate_codes)
     weights: dict[str, Any] = {"model": _FSDPModelState(wrapped) if fsdp else inner}
     if ema is not None:
         weights["ema"] = ema.model
@@ -206,6 +236,9 @@ def train_ar(
         for micro in range(grad_accum):
             codes, labels = next(loader)
             codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if tokenizer is not None:  # on-the-fly tokenisation, in fp32 (reduced precision can flip ids)
+                with torch.no_grad():
+                    codes = tokenizer.encode(codes.float())  # images (B, 3, H, W) -> ids (B, L, S)
             sub = fac.split(codes)  # (B, L, S) -> (B, L, K)
             sync = micro == grad_accum - 1 or not hasattr(wrapped, "no_sync")
             ctx_sync = wrapped.no_sync() if not sync else _nullcontext()
