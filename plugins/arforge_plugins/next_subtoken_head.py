@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from arforge.nn.llama import RMSNorm, RotaryTableMixin, TransformerBlock, subtoken_freqs_cis
+from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock
 
 __all__ = ["NextSubtokenHead"]
 
 
-class NextSubtokenHead(RotaryTableMixin, nn.Module):
+class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
     """Intra transformer over [h_t, E_pre[pre_t]] → (pre, post) logits (Open-MAGVIT2 §5.2)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``pre_emb``
@@ -63,18 +63,6 @@ class NextSubtokenHead(RotaryTableMixin, nn.Module):
         self.head = nn.ModuleList([nn.Linear(dim, v, bias=False) for v in vocab_sizes])
         self.register_buffer("freqs_cis", self._table(), persistent=False)
         self.__dict__["_pre_emb"] = None  # tied, not registered: it belongs to the embedder
-
-    def _table(self) -> torch.Tensor:
-        return subtoken_freqs_cis(n_slots=self.n_slots, head_dim=self.head_dim, base=self.rope_base,
-                                  cls_zero_rotation=self.cls_zero_rotation,
-                                  repeat_interleave=self.rope_repeat_interleave)
-
-    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
-        if cls_zero_rotation is not None:
-            self.cls_zero_rotation = cls_zero_rotation
-        if repeat_interleave is not None:
-            self.rope_repeat_interleave = repeat_interleave
-        self.freqs_cis = self._table().to(self.freqs_cis.device)
 
     # ---------------------------------------------------------------- tying
     def tie_embedding(self, embedding: nn.Embedding) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from arforge.nn.llama import RMSNorm, RotaryTableMixin, TransformerBlock, canonical_device, subtoken_freqs_cis
+from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, canonical_device
 
 __all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
 
@@ -51,7 +51,7 @@ def window_indices(grid_size: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long).reshape(g * g, len(NEIGHBOURS))  # (g*g, 12)
 
 
-class SemanticDetailHead(RotaryTableMixin, nn.Module):
+class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
     """Window MLPs + 5-block head over [u_n, h_n, E_s[s_n]] → (semantic, detail) logits (IAR2 §5.3)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``tok_embeddings1``
@@ -100,18 +100,6 @@ class SemanticDetailHead(RotaryTableMixin, nn.Module):
         self.register_buffer("freqs_cis", self._table(), persistent=False)
         self.__dict__["_sem_emb"] = None  # tied, not registered: it belongs to the embedder
         self.history: torch.Tensor | None = None
-
-    def _table(self) -> torch.Tensor:
-        return subtoken_freqs_cis(n_slots=self.n_slots, head_dim=self.head_dim, base=self.rope_base,
-                                  cls_zero_rotation=self.cls_zero_rotation,
-                                  repeat_interleave=self.rope_repeat_interleave)
-
-    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
-        if cls_zero_rotation is not None:
-            self.cls_zero_rotation = cls_zero_rotation
-        if repeat_interleave is not None:
-            self.rope_repeat_interleave = repeat_interleave
-        self.freqs_cis = self._table().to(self.freqs_cis.device)
 
     # ---------------------------------------------------------------- tying
     def tie_embedding(self, embedding: nn.Embedding) -> None:

@@ -160,6 +160,26 @@ class RotaryTableMixin:
         return out
 
 
+class SubtokenRotaryMixin(RotaryTableMixin):
+    """The rotary table of a sub-token head's slots (§2.6), rebuilt when a quirk flag changes.
+
+    The head sets ``n_slots``, ``head_dim``, ``rope_base``, ``cls_zero_rotation`` and
+    ``rope_repeat_interleave``; loading IAR2 weights turns ``repeat_interleave`` on.
+    """
+
+    def _table(self) -> torch.Tensor:
+        return subtoken_freqs_cis(n_slots=self.n_slots, head_dim=self.head_dim, base=self.rope_base,
+                                  cls_zero_rotation=self.cls_zero_rotation,
+                                  repeat_interleave=self.rope_repeat_interleave)
+
+    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
+        if cls_zero_rotation is not None:
+            self.cls_zero_rotation = cls_zero_rotation
+        if repeat_interleave is not None:
+            self.rope_repeat_interleave = repeat_interleave
+        self.freqs_cis = self._table().to(self.freqs_cis.device)
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent feature pairs (2j, 2j+1) (§2.2, gpt-fast/Meta interleaved convention).
 
