@@ -30,3 +30,16 @@ def _clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    barriers can stall every small op for a scheduler time slice. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

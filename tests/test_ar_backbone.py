@@ -19,15 +19,7 @@ from arforge.nn.llama import (
     subtoken_freqs_cis,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine
-    OpenMP barriers can stall every small op for a scheduler time slice."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backbone(**kw) -> LlamaBackbone:

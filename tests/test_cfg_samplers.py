@@ -13,13 +13,7 @@ from arforge.generation import generate
 from arforge_plugins.cfg_samplers import (AdaptiveAttentionCFG, ConstantCFG, IntervalCFG, LinearCFG,
                                           progress_weight)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INFO = DecodeInfo(n=0, L=10)

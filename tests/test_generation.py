@@ -15,14 +15,7 @@ from arforge.interfaces import SubTokenSampling
 
 FAMILIES = ("llamagen", "open_magvit2", "iar2")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads; on a busy 2-core machine they stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _MODELS: dict[str, ARModel] = {}

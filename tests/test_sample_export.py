@@ -20,13 +20,7 @@ from arforge.sampling_job import sample_images, sample_labels, sample_seed
 
 C, N, SEED = 3, 3, 5  # 3 classes x 3 samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeTracker:

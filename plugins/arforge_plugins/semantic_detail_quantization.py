@@ -40,7 +40,7 @@ from torch import nn
 
 from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
-from arforge_plugins.vector_quantization import nearest_codes
+from arforge_plugins.vector_quantization import nearest_codes, vq_losses
 
 
 def _uniform_normalised(rows: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
@@ -221,11 +221,7 @@ class SemanticDetailQuantizer(nn.Module):
         stats = self._track(ids)
         losses: dict[str, torch.Tensor] = {}
         if self.training:
-            vq = (z_q - z_hat.detach()).pow(2).mean()
-            commitment = (z_q.detach() - z_hat).pow(2).mean()
-            losses["vq"] = vq
-            losses["commitment"] = self.beta * commitment
-            stats.update(vq=vq.detach(), commitment=commitment.detach())
+            vq_losses(z_q, z_hat, beta=self.beta, losses=losses, stats=stats)
         z_st = z_hat + (z_q - z_hat).detach()  # straight-through on the normalised ẑ
         z_st = z_st.reshape(b, h, w, dim).permute(0, 3, 1, 2)  # (B, D, h, w)
         return QuantizerOutput(z_q=z_st, ids=ids, losses=losses, stats=stats)

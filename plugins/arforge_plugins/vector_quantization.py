@@ -86,6 +86,18 @@ def vq_entropy_terms(z_hat: torch.Tensor, codebook: torch.Tensor, *, tau: float 
     return h_sample, h_batch
 
 
+def vq_losses(z_q: torch.Tensor, z_hat: torch.Tensor, *, beta: float, losses: dict, stats: dict) -> None:
+    """vq = mean((z_q - sg(ẑ))²) and commitment = β·mean((sg(z_q) - ẑ)²) (tokenizers.md §1.5.3, §3.3).
+
+    Shared by LlamaGen's VQ and IAR2's two-level quantizer (there on the summed z_q).
+    """
+    vq = (z_q - z_hat.detach()).pow(2).mean()
+    commitment = (z_q.detach() - z_hat).pow(2).mean()
+    losses["vq"] = vq
+    losses["commitment"] = beta * commitment
+    stats.update(vq=vq.detach(), commitment=commitment.detach())
+
+
 class VectorQuantizer(nn.Module):
     """LlamaGen VQ with an l2-normalised codebook (tokenizers.md §1.5): ids (B, h*w, 1).
 
@@ -193,11 +205,7 @@ class VectorQuantizer(nn.Module):
                  "batch_usage": torch.tensor(torch.unique(idx).numel() / self.codebook_size, device=z.device)}
         losses: dict[str, torch.Tensor] = {}
         if self.training:
-            vq = (z_q - z_hat.detach()).pow(2).mean()
-            commitment = (z_q.detach() - z_hat).pow(2).mean()
-            losses["vq"] = vq
-            losses["commitment"] = self.beta * commitment
-            stats.update(vq=vq.detach(), commitment=commitment.detach())
+            vq_losses(z_q, z_hat, beta=self.beta, losses=losses, stats=stats)
             if self.entropy_loss_ratio != 0:
                 h_sample, h_batch = vq_entropy_terms(z_hat, codebook, tau=self.entropy_temperature,
                                                      chunk_size=self.entropy_chunk_size)
