@@ -296,6 +296,38 @@ def test_study_of_8_trials_logs_nested_runs_tags_best_and_reproduces(tmp_path, c
     assert len([r for r in runs if r.data.tags.get("arforge.best") == "true"]) == 1
 
 
+def test_enqueued_baseline_runs_first_once_and_is_printed(tmp_path, capsys):
+    seed_mlflow_store(_home())
+    f = _study_files(tmp_path, n_trials=4, name="quadq", extra_study="""
+        study.enqueue = [{"jobs.studyquad.x": 0.0, "jobs.studyquad.y": 0.0}, {"jobs.studyquad.x": 1.0}]
+    """)
+    result = studies.run_study(f, verbose=False, plots=False)
+    studies.print_result(result)
+    out = capsys.readouterr().out
+    st = _load("quadq")
+    trials = sorted(st.trials, key=lambda t: t.number)
+    assert trials[0].params == {"jobs.studyquad.x": 0.0, "jobs.studyquad.y": 0.0}
+    assert trials[0].value == pytest.approx(1.25)  # (0 - 1)^2 + (0 + 0.5)^2
+    assert trials[1].params["jobs.studyquad.x"] == 1.0  # y left to the sampler
+    assert [n for n, *_ in result.enqueued] == [0, 1]
+    assert "enqueued trial 0: 1.25 (jobs.studyquad.x = 0.0; jobs.studyquad.y = 0.0)" in out
+    # Continuing the study does not enqueue the points again.
+    more = studies.run_study(f, n_trials=6, verbose=False, plots=False)
+    assert more.n_complete == 6
+    assert sum("fixed_params" in t.system_attrs for t in _load("quadq").trials) == 2
+
+
+@pytest.mark.parametrize("point, message", [
+    ('{"jobs.studyquad.z": 0.0}', r"study.enqueue\[0\] names 'jobs.studyquad.z', which is not in study.space"),
+    ('{"jobs.studyquad.x": 9.0}', r"study.enqueue\[0\]\['jobs.studyquad.x'\] = 9.0 is outside .*float\(-3.0, 3.0\)"),
+    ('{}', r"study.enqueue\[0\] must be a non-empty dict"),
+])
+def test_bad_enqueue_point_is_named(tmp_path, point, message):
+    f = _study_files(tmp_path, n_trials=2, name="badq", extra_study=f"study.enqueue = [{point}]")
+    with pytest.raises(ConfigError, match=message):
+        studies.load_study_config(f)
+
+
 def test_pruning_stops_bad_trials_early(tmp_path):
     seed_mlflow_store(_home())
     f = _study_files(tmp_path, n_trials=12, name="prune", pruner="median", sampler="random",

@@ -143,6 +143,9 @@ class FloatSpace:
     def example(self) -> float:
         return float(self.low)
 
+    def contains(self, value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and self.low <= value <= self.high
+
     def describe(self) -> str:
         extra = (", log=True" if self.log else "") + (f", step={self.step}" if self.step is not None else "")
         return f"float({self.low}, {self.high}{extra})"
@@ -179,6 +182,10 @@ class IntSpace:
 
     def example(self) -> int:
         return self.low
+
+    def contains(self, value: Any) -> bool:
+        return (not isinstance(value, bool) and isinstance(value, int) and self.low <= value <= self.high
+                and (value - self.low) % self.step == 0)
 
     def describe(self) -> str:
         extra = (", log=True" if self.log else "") + (f", step={self.step}" if self.step != 1 else "")
@@ -228,6 +235,9 @@ class CategoricalSpace:
 
     def example(self) -> Any:
         return self.labels()[0]
+
+    def contains(self, value: Any) -> bool:
+        return value in self.labels()
 
     def references(self) -> list[str]:
         """The ``@kind.name`` plugin references among the choices."""
@@ -318,6 +328,7 @@ class StudyConfig:
     grace_period: int | None = None
     max_retry: int = 3
     max_consecutive_failures: int = 5
+    enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
@@ -347,6 +358,7 @@ def study(
     grace_period: int | None = None,
     max_retry: int = 3,
     max_consecutive_failures: int = 5,
+    enqueue: Sequence[Mapping[str, Any]] = (),
 ) -> StudyConfig:
     """An Optuna study over the gin parameters of one launch file.
 
@@ -382,6 +394,11 @@ def study(
         max_retry: how often a stale trial's parameters are re-run.
         max_consecutive_failures: a worker stops with an error after this many
             failed trials in a row.
+        enqueue: points the study runs first, before the sampler proposes any
+            (``optuna.Study.enqueue_trial``), each ``{space name: value}``; e.g.
+            ``[{"samplers.cfg_linear.start": 1.0, "samplers.cfg_linear.end": 1.0}]``
+            makes trial 0 the unguided baseline that every guided setting is compared with.
+            A new study enqueues them once; they count towards ``n_trials``.
     """
     return StudyConfig(
         launch_file=launch_file, space=dict(space) if isinstance(space, Mapping) else space,
@@ -390,7 +407,8 @@ def study(
         sampler_options=dict(sampler_options or {}), pruner=pruner, n_startup_trials=n_startup_trials,
         n_warmup_steps=n_warmup_steps, pruner_options=dict(pruner_options or {}),
         fixed_bindings=list(fixed_bindings), timeout=timeout, heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period, max_retry=max_retry, max_consecutive_failures=max_consecutive_failures)
+        grace_period=grace_period, max_retry=max_retry, max_consecutive_failures=max_consecutive_failures,
+        enqueue=[dict(p) if isinstance(p, Mapping) else p for p in enqueue])
 
 
 _STUDY_SELECTOR = re.compile(r"^\s*(?:[\w./]+/)?(?:arforge\.)?(?:study|space\.\w+)\.\w+\s*=")
@@ -451,6 +469,17 @@ def _check_config(cfg: StudyConfig, path: Path) -> StudyConfig:
         raise bad("study.heartbeat_interval must be >= 0 (0: off) and grace_period >= 1")
     if cfg.max_retry is not None and cfg.max_retry < 0:
         raise bad("study.max_retry must be >= 0")
+    for i, point in enumerate(cfg.enqueue):
+        if not isinstance(point, dict) or not point:
+            raise bad(f"study.enqueue[{i}] must be a non-empty dict {{space name: value}}, not {point!r}")
+        for name, value in point.items():
+            if name not in cfg.space:
+                hint = reg.closest(str(name), list(cfg.space))
+                raise bad(f"study.enqueue[{i}] names {name!r}, which is not in study.space"
+                          + (f"; did you mean {hint!r}?" if hint else "") + f" Space: {', '.join(cfg.space)}.")
+            if not cfg.space[name].contains(value):
+                raise bad(f"study.enqueue[{i}][{name!r}] = {value!r} is outside study.space[{name!r}] = "
+                          f"{cfg.space[name].describe()}")
     cfg.study_name = cfg.study_name or path.stem
     cfg.experiment = cfg.experiment or cfg.study_name
     return cfg
@@ -692,6 +721,8 @@ class StudyResult:
     reproduce_command: str | None = None
     plots: list[Path] = dataclasses.field(default_factory=list)
     stopped: str = "done"
+    #: the ``study.enqueue`` points: (trial number, state, value or None, bindings)
+    enqueued: list[tuple[int, str, float | None, list[str]]] = dataclasses.field(default_factory=list)
 
 
 # ================================================================== the runner
@@ -893,6 +924,10 @@ class StudyRunner:
                     "study (optuna.delete_study).")
             if "arforge.signature" not in attrs:
                 base.set_user_attr("arforge.signature", signature)
+            if self.cfg.enqueue and not attrs.get("arforge.enqueued") and not base.get_trials(deepcopy=False):
+                for point in self.cfg.enqueue:  # a new study: its first trials are these points, once
+                    base.enqueue_trial(point, skip_if_exists=True)
+                base.set_user_attr("arforge.enqueued", len(self.cfg.enqueue))
             worker_index = int(attrs.get("arforge.workers_started", 0))
             base.set_user_attr("arforge.workers_started", worker_index + 1)
             # MLflow's SQLite store is initialised under the lock too: two workers
@@ -1254,6 +1289,8 @@ class StudyRunner:
             result.best_run_id = best.user_attrs.get("arforge.run_id")
             result.best_bindings = list(best.user_attrs.get("arforge.bindings", []))
             result.reproduce_command = self.reproduce_command(best)
+        result.enqueued = [(t.number, t.state.name, t.value, list(t.user_attrs.get("arforge.bindings", [])))
+                           for t in trials if "fixed_params" in t.system_attrs]
         finished = result.n_complete + result.n_pruned
         if self.parent_run_id:
             client = MlflowClient()
@@ -1381,6 +1418,9 @@ def print_result(result: StudyResult) -> None:
           f"in experiment {result.experiment!r})")
     for line in result.best_bindings:
         print(f"  {line}")
+    for number, state, value, bindings in result.enqueued:  # e.g. the unguided baseline, to compare with
+        shown = f"{value:.6g}" if value is not None else state.lower()
+        print(f"enqueued trial {number}: {shown}" + (f" ({'; '.join(bindings)})" if bindings else ""))
     if result.plots:
         print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots)})")
     print("reproduce the best trial with:")
