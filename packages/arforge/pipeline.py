@@ -11,7 +11,9 @@ Each stage is parsed on its own (its gin config replaces the pipeline's; the
 pipeline's operative config is logged first) and runs as an MLflow run nested
 under the pipeline run, in the pipeline's experiment. Bindings given to the
 pipeline launch (``--bind``, a study trial's suggestions) are applied to every
-stage, so a CFG study can run a sample-then-evaluate pipeline. Stages pass results on
+stage, so a CFG study can run a sample-then-evaluate pipeline; of the ``launch.*``
+settings only ``device``, ``precision`` and ``seed`` are passed on (the others name
+each stage's own run). Stages pass results on
 through their output folders (``outputs:<experiment>/<run_name>/...``). The
 time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``.
 """
@@ -46,9 +48,9 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
     ctx.tracker.log_text(gin.operative_config_str(), "config/pipeline_operative_config.gin")
     own_bindings = [f'launch.experiment = "{ctx.experiment}"']
     # Bindings given to the pipeline launch (--bind, a study trial's suggestions) reach every
-    # stage, except launch.* which each stage sets for itself.
-    forwarded = [b for b in ctx.extra.get("bindings", [])
-                 if not b.strip().removeprefix("arforge.").startswith("launch.")]
+    # stage. Of launch.*, only device, precision and seed do (`--bind 'launch.seed = 1'` reseeds
+    # every stage); experiment, run_name, job, output_dir and resume are each stage's own.
+    forwarded = [b for b in ctx.extra.get("bindings", []) if _forwarded(b)]
     results: dict[str, Any] = {}
     previous_dir = os.environ.get("ARFORGE_PIPELINE_DIR")
     os.environ["ARFORGE_PIPELINE_DIR"] = str(ctx.output_dir)  # resolves "pipeline:<file>" paths
@@ -65,6 +67,17 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
     ctx.log(f"runs, metrics and pictures in {tracking.tracking_uri()}; open them with `arforge ui` "
             f"(http://127.0.0.1:5000, experiment {ctx.experiment!r})")
     return results
+
+
+_FORWARDED_LAUNCH = ("device", "precision", "seed")
+
+
+def _forwarded(binding: str) -> bool:
+    """Whether a pipeline launch's binding is passed on to its stages (see :func:`pipeline`)."""
+    name = binding.split("=", 1)[0].strip().removeprefix("arforge.")
+    if not name.startswith("launch."):
+        return True
+    return name.removeprefix("launch.") in _FORWARDED_LAUNCH
 
 
 def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) -> None:
