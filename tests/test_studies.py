@@ -351,6 +351,12 @@ def test_pruning_stops_bad_trials_early(tmp_path):
     for t in pruned:
         run = by_number[str(t.number)]
         assert run.data.tags["arforge.trial_state"] == "PRUNED" and run.info.status == "KILLED"
+    # compare shows one row per trial, a pruned one as PRUNED (not as MLflow's KILLED).
+    cmp = studies.compare_runs("prune", log_plot=False, plot=tmp_path / "cmp.png")
+    status = {row["run_name"]: row["status"] for row in cmp.rows}
+    assert sorted(status) == [f"trial-{i:04d}" for i in range(12)]
+    assert {status[f"trial-{t.number:04d}"] for t in pruned} == {"PRUNED"}
+    assert {status[f"trial-{t.number:04d}"] for t in complete} == {"COMPLETE"}
 
 
 def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path):

@@ -1490,8 +1490,10 @@ def compare_runs(experiment: str, *, metric: str | None = None, param: str | Non
                            f"metrics: {', '.join(known) or '(none)'} (choose one with --metric)")
     # A run whose parent (a study trial, a pipeline) logged the same metric is summarised by
     # that parent: show the parent only, so each comparison appears once.
+    # A study trial summarises its stages even when it has no value (pruned, failed).
     has_metric = {r.info.run_id for r in runs if metric in r.data.metrics}
-    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in has_metric]
+    trials = {r.info.run_id for r in runs if "arforge.trial_number" in r.data.tags}
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in has_metric | trials]
     shown = [r for r in runs if metric in r.data.metrics] or runs
     keys = sorted({k for r in shown for k in r.data.params} - _SKIP_PARAMS)
     differing = [k for k in keys if len({r.data.params.get(k) for r in shown}) > 1]
@@ -1502,7 +1504,8 @@ def compare_runs(experiment: str, *, metric: str | None = None, param: str | Non
     with_metric = [r for r in runs if metric in r.data.metrics]
     with_metric.sort(key=lambda r: r.data.metrics[metric], reverse=not ascending)
     ordered = with_metric + [r for r in runs if metric not in r.data.metrics]
-    rows = [{"run_name": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status,
+    rows = [{"run_name": r.info.run_name, "run_id": r.info.run_id,
+             "status": r.data.tags.get("arforge.trial_state", r.info.status),  # PRUNED rather than KILLED
              "metric": r.data.metrics.get(metric), "best": r.data.tags.get("arforge.best") == "true",
              "params": {_display(k): r.data.params.get(k) for k in differing}} for r in ordered]
     columns = [_display(k) for k in differing]
