@@ -34,14 +34,14 @@ def test_pipeline_checks_every_stage():
 
 
 def test_vocabulary_mismatch_is_caught():
-    with pytest.raises(ConfigError, match=r"codebook sizes \(4096,\) differ from the factorization's \(1024,\)"):
+    with pytest.raises(ConfigError, match=r"codebook sizes \(4096,\) differ from the factorization's \(256,\)"):
         dryrun.dry_run(QUICKSTART / "3_ar.gin", ["quantizers.lfq.bits = 12",
-                                                 'tokenizers.open_magvit2.preset = {"ch": 32, "ch_mult": (1, 2, 2), '
+                                                 'tokenizers.open_magvit2.preset = {"ch": 32, "ch_mult": (1, 2), '
                                                  '"num_res_blocks": 1, "z_channels": 12, "num_groups": 8}'])
 
 
 def test_sequence_length_mismatch_is_caught():
-    with pytest.raises(ConfigError, match="8x8 token grid .* block_size is 16"):
+    with pytest.raises(ConfigError, match="16x16 token grid .* block_size is 64"):
         dryrun.dry_run(QUICKSTART / "3_ar.gin", ["IMAGE_SIZE = 32"])
 
 
