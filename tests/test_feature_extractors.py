@@ -16,12 +16,7 @@ from arforge.weights import WeightsHashError, WeightsNotFoundError, sha256_of
 from arforge_plugins.digits_classifier import DigitsClassifier, digits_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_fidelity_inception():

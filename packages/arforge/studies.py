@@ -1491,9 +1491,9 @@ def compare_runs(experiment: str, *, metric: str | None = None, param: str | Non
     # A run whose parent (a study trial, a pipeline) logged the same metric is summarised by
     # that parent: show the parent only, so each comparison appears once.
     # A study trial summarises its stages even when it has no value (pruned, failed).
-    has_metric = {r.info.run_id for r in runs if metric in r.data.metrics}
-    trials = {r.info.run_id for r in runs if "arforge.trial_number" in r.data.tags}
-    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in has_metric | trials]
+    summarising = ({r.info.run_id for r in runs if metric in r.data.metrics}
+                   | {r.info.run_id for r in runs if "arforge.trial_number" in r.data.tags})
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in summarising]
     shown = [r for r in runs if metric in r.data.metrics] or runs
     keys = sorted({k for r in shown for k in r.data.params} - _SKIP_PARAMS)
     differing = [k for k in keys if len({r.data.params.get(k) for r in shown}) > 1]
