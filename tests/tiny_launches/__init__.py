@@ -1,0 +1,208 @@
+"""Every shipped launch file, run for real at a tiny size: the one place that knows how.
+
+A *launch file* is an ``experiments/**/*.gin`` file that binds ``launch.job`` (run with
+``arforge run``) or ``study.launch_file`` (run with ``arforge study``); the files they include
+(``common.gin``, presets) are not launches. ``tests/test_launch_files.py`` runs each of them
+through the CLI, in-process, and asserts what it must produce.
+
+What makes a file tiny lives here, one module per experiment folder
+(``tests/tiny_launches/<folder>.py``). Each module defines
+
+* ``bindings(path, world) -> list[str]``: ``--bind`` values that shrink the whole file (tiny model
+  and tokenizer presets, a few steps, small batches, the generated data below);
+* ``expect(path, world, result)``: what the stage must have produced (files, MLflow metrics,
+  shapes, values where they are known). The generic checks in :func:`expect_job` cover what every
+  job of a kind produces; a module adds what is special to its files.
+
+A new launch file in an existing folder is covered by adding nothing; a new folder without a
+module here fails ``test_every_launch_file_has_tiny_overrides``.
+
+Stages depend on each other through their output paths: a file that reads
+``outputs:<experiment>/<run>/...`` or ``pipeline:<run>/...`` needs the launch file whose
+``launch.run_name`` is ``<run>`` to have run first in the same ``ARFORGE_HOME``.
+:class:`Runner` resolves that from the files' text, runs each file at most once per test session
+and per experiment home, and hands later stages the same home.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = REPO / "experiments"
+GIN_ROOT = REPO / "gin"
+
+_INCLUDE = re.compile(r'^\s*include\s+"([^"]+)"', re.M)
+_BINDING = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*=\s*(.+?)\s*(?:#.*)?$")
+_OUTPUT_REF = re.compile(r'"(outputs|pipeline):([\w.-]+)(?:/([\w.-]+))?')
+
+
+def _resolve_include(name: str, folder: Path) -> Path:
+    for base in (folder, GIN_ROOT):
+        if (base / name).is_file():
+            return (base / name).resolve()
+    raise FileNotFoundError(f"include {name!r} from {folder}")
+
+
+def flat_bindings(path: Path) -> dict[str, str]:
+    """The file's top-level bindings with includes expanded in order (later wins), as raw text.
+
+    A regex reading, good enough for the few keys the harness needs (``launch.job``,
+    ``launch.run_name``, ``launch.experiment``, ``study.launch_file``, macros); gin itself parses
+    the file when it runs.
+    """
+    out: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        m = _INCLUDE.match(line)
+        if m:
+            out.update(flat_bindings(_resolve_include(m.group(1), Path(path).parent)))
+            continue
+        m = _BINDING.match(line)
+        if m and not line.lstrip().startswith("#"):
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _unquote(value: str | None) -> str | None:
+    return value.strip().strip('"').strip("'") if value else None
+
+
+@dataclass(frozen=True)
+class LaunchFile:
+    path: Path
+    kind: str                 # "run" | "study"
+    job: str | None           # "jobs.train_ar", ... (None for studies)
+    experiment: str | None    # launch.experiment
+    run_name: str | None      # launch.run_name
+    folder: str               # experiments/<folder>/...
+    text_refs: tuple[tuple[str, str, str | None], ...] = field(default=())
+
+    @property
+    def rel(self) -> str:
+        return str(self.path.relative_to(EXPERIMENTS))
+
+    @property
+    def study_launch(self) -> Path | None:
+        if self.kind != "study":
+            return None
+        return (self.path.parent / _unquote(flat_bindings(self.path)["study.launch_file"])).resolve()
+
+
+def describe(path: Path) -> LaunchFile | None:
+    b = flat_bindings(path)
+    refs = []
+    text = path.read_text()
+    for m in _OUTPUT_REF.finditer(text + "\n" + "\n".join(f"{k} = {v}" for k, v in b.items())):
+        refs.append((m.group(1), m.group(2), m.group(3)))
+    folder = path.relative_to(EXPERIMENTS).parts[0]
+    if "study.launch_file" in b:
+        return LaunchFile(path.resolve(), "study", None, None, None, folder, tuple(refs))
+    if "launch.job" not in b:
+        return None
+    job = b["launch.job"].lstrip("@").split("(")[0]
+    return LaunchFile(path.resolve(), "run", job, _unquote(b.get("launch.experiment")),
+                      _unquote(b.get("launch.run_name")), folder, tuple(refs))
+
+
+def launch_files() -> list[LaunchFile]:
+    files = [describe(p) for p in sorted(EXPERIMENTS.rglob("*.gin"))]
+    return [f for f in files if f is not None]
+
+
+def module_for(lf: LaunchFile):
+    """The tiny-override module of the file's experiment folder (ImportError when there is none)."""
+    return importlib.import_module(f"tiny_launches.{lf.folder}")
+
+
+def dependencies(lf: LaunchFile, index: list[LaunchFile]) -> list[LaunchFile]:
+    """The launch files whose outputs ``lf`` reads (by ``outputs:``/``pipeline:`` paths)."""
+    if lf.kind == "study":
+        return [describe(lf.study_launch)]
+    deps: list[LaunchFile] = []
+    for scheme, first, second in lf.text_refs:
+        if scheme == "outputs":
+            exp, run = first, second
+        else:  # pipeline:<run>/...: the enclosing pipeline's folder, or the experiment's when run alone
+            exp, run = lf.experiment, first
+        if run == lf.run_name and exp == lf.experiment:
+            continue  # its own output
+        for other in index:
+            if other.kind == "run" and other.experiment == exp and other.run_name == run and other not in deps:
+                deps.append(other)
+    return deps
+
+
+@dataclass
+class World:
+    """One experiment family's tiny universe: its ``ARFORGE_HOME`` and the data the files read.
+
+    ``root`` is a session-scoped temporary folder; ``cache`` memoises generated data (image folders,
+    shards, official-layout checkpoints) by name, so each is written once per session.
+    """
+
+    root: Path
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "arforge_runs"
+
+    def once(self, name: str, make) -> Any:
+        if name not in self.cache:
+            self.cache[name] = make(self.root / name)
+        return self.cache[name]
+
+
+class Runner:
+    """Runs launch files through the CLI in-process, each at most once per world, dependencies first."""
+
+    def __init__(self, tmp_factory) -> None:
+        self._tmp = tmp_factory
+        self._worlds: dict[str, World] = {}
+        self._done: dict[Path, Any] = {}
+        self.index = launch_files()
+
+    def world(self, lf: LaunchFile) -> World:
+        key = module_for(lf).WORLD if hasattr(module_for(lf), "WORLD") else lf.folder
+        if key not in self._worlds:
+            self._worlds[key] = World(self._tmp.mktemp(f"world-{key}"))
+        return self._worlds[key]
+
+    def run(self, lf: LaunchFile) -> Any:
+        if lf.path in self._done:
+            return self._done[lf.path]
+        for dep in dependencies(lf, self.index):
+            self.run(dep)
+        world = self.world(lf)
+        mod = module_for(lf)
+        binds = list(mod.bindings(lf, world))
+        result = self._invoke(lf, world, binds)
+        self._done[lf.path] = result
+        return result
+
+    def _invoke(self, lf: LaunchFile, world: World, binds: list[str]) -> Any:
+        import gin
+
+        from arforge import cli, launch
+
+        argv = ["study" if lf.kind == "study" else "run", str(lf.path)]
+        for b in binds:
+            argv += ["--bind", b]
+        if lf.kind == "study":
+            argv += ["--n-trials", "2", "--no-plots"]
+        saved = dict(os.environ)  # launch and pipeline leave variables behind (ARFORGE_EXPERIMENT, ...)
+        os.environ["ARFORGE_HOME"] = str(world.home)
+        try:
+            gin.clear_config()
+            code = cli.main(argv)
+            assert code == 0, f"arforge {' '.join(argv)} exited {code}"
+            return launch.last_run()
+        finally:
+            gin.clear_config()
+            os.environ.clear()
+            os.environ.update(saved)
