@@ -13,6 +13,15 @@ import tiny_launches as tl
 FILES = tl.launch_files()
 
 
+def _param(lf):
+    # One xdist worker per experiment world: its stages share outputs and run in dependency order.
+    try:
+        world = getattr(tl.module_for(lf), "WORLD", lf.folder)
+    except ModuleNotFoundError:
+        world = lf.folder
+    return pytest.param(lf, id=lf.rel, marks=pytest.mark.xdist_group(world))
+
+
 @pytest.fixture(scope="session")
 def runner(tmp_path_factory):
     return tl.Runner(tmp_path_factory)
@@ -43,7 +52,7 @@ def test_launch_files_are_found_and_their_dependencies_resolve():
     assert "llamagen/4_sample_b.gin" not in deps and "llamagen/3_ar_l.gin" not in deps
 
 
-@pytest.mark.parametrize("lf", FILES, ids=lambda lf: lf.rel)
+@pytest.mark.parametrize("lf", [_param(lf) for lf in FILES])
 def test_launch_file_runs_end_to_end(lf, runner):
     result = runner.run(lf)
     tl.module_for(lf).expect(lf, runner.world(lf), result)

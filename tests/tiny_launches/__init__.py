@@ -206,3 +206,73 @@ class Runner:
             gin.clear_config()
             os.environ.clear()
             os.environ.update(saved)
+
+
+# ----------------------------------------------------------------------------- generic checks
+def mlflow_run(world: World, run_id: str):
+    """The finished MLflow run ``run_id`` of ``world``'s embedded store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{world.home / 'mlflow.db'}")
+    return client.get_run(run_id)
+
+
+def child_runs(world: World, run_id: str) -> list:
+    """The runs nested directly under ``run_id`` (pipeline stages, study trials)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{world.home / 'mlflow.db'}")
+    parent = client.get_run(run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                              max_results=1000)
+
+
+def _finite_checkpoint(folder: Path) -> dict:
+    import torch
+
+    from arforge import checkpoint as ck
+
+    loaded = ck.load_checkpoint(folder)
+    for group, weights in loaded.weights.items():
+        for key, value in weights.items():
+            if value.is_floating_point():
+                assert torch.isfinite(value).all(), f"{folder}: non-finite {group}.{key}"
+    return loaded.weights
+
+
+def expect_job(lf: LaunchFile, world: World, result) -> Any:
+    """What every job of ``lf.job``'s kind must leave behind; returns the MLflow run.
+
+    ``result`` is ``launch.last_run()`` after the launch: ``(run_id, output_dir)``.
+    """
+    import math
+
+    import numpy as np
+
+    run_id, out = result
+    assert run_id is not None and out is not None, f"{lf.rel}: no run was recorded"
+    run = mlflow_run(world, run_id)
+    assert run.info.status == "FINISHED", (lf.rel, run.info.status)
+    metrics = run.data.metrics
+    out = Path(out)
+    if lf.job in ("jobs.train_tokenizer", "jobs.train_ar", "jobs.train_feature_extractor"):
+        if lf.job != "jobs.train_feature_extractor":
+            _finite_checkpoint(out / "checkpoints")
+        losses = {k: v for k, v in metrics.items() if k.startswith("train/") and "loss" in k}
+        assert losses and all(math.isfinite(v) for v in losses.values()), (lf.rel, metrics)
+    elif lf.job == "jobs.extract_codes":
+        assert list(out.rglob("manifest.json")), f"{lf.rel}: no codes manifest under {out}"
+    elif lf.job == "jobs.sample":
+        files = sorted(out.rglob("*.npz"))
+        assert files, f"{lf.rel}: no samples under {out}"
+        data = np.load(files[0])
+        images, labels = data["arr_0"], data["arr_1"]
+        assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
+        assert len(labels) == len(images) and len(images) > 0
+    elif lf.job in ("jobs.evaluate_samples", "jobs.evaluate_reconstructions"):
+        assert metrics and all(math.isfinite(v) for v in metrics.values()), (lf.rel, metrics)
+    elif lf.job == "jobs.pipeline":
+        stages = child_runs(world, run_id)
+        assert stages and all(s.info.status == "FINISHED" for s in stages), (lf.rel, [
+            (s.info.run_name, s.info.status) for s in stages])
+    return run
