@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arforge.device import at_least_fp32
 from arforge.interfaces import Factorization, LossBreakdown
 from arforge.nn.llama import LabelEmbedder, LlamaBackbone, init_llama_weights
 
@@ -122,7 +123,7 @@ def cluster_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, *, cluster
     v = logits.shape[-1]
     if v % cluster_size:
         raise ValueError(f"vocabulary {v} is not a whole number of clusters of {cluster_size}")
-    lc = logits.float().reshape(-1, v // cluster_size, cluster_size).logsumexp(-1)  # (N, V/cs)
+    lc = at_least_fp32(logits).reshape(-1, v // cluster_size, cluster_size).logsumexp(-1)  # (N, V/cs)
     return F.cross_entropy(lc, tokens.reshape(-1) // cluster_size)
 
 
@@ -142,7 +143,7 @@ def subtoken_loss(logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor, *,
     parts: dict[str, torch.Tensor] = {}
     total = logits[0].new_zeros(())
     for k, (lg, w, name) in enumerate(zip(logits, weights, names, strict=True)):
-        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), sub_tokens[..., k].reshape(-1))  # over B·L
+        ce = F.cross_entropy(at_least_fp32(lg.reshape(-1, lg.shape[-1])), sub_tokens[..., k].reshape(-1))  # over B·L
         parts[f"ce_{name}"] = ce
         total = total + w * ce
     if cluster_size is not None:

@@ -46,6 +46,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from arforge.device import at_least_fp32
 from arforge.ar_model import ARModel, DecodeInfo
 from arforge.errors import ArforgeError
 from arforge.interfaces import SubTokenSampling, as_grid
@@ -131,7 +132,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     if not temperature > 0:
         raise GenerationError(f"temperature must be > 0 (got {temperature}); for greedy decoding use "
                               "SubTokenSampling(greedy=True) (upstream_pitfalls.md E5)")
-    x = logits.float() / temperature
+    x = at_least_fp32(logits) / temperature
     V = x.shape[-1]
     if top_k > 0:
         k = min(max(int(top_k), 1), V)
@@ -152,7 +153,7 @@ def sample_tokens(logits: torch.Tensor, generator: Generators = None) -> torch.T
     ``generator`` is one generator for the batch, or B generators (one stream
     per row; see the module docstring).
     """
-    probs = logits.float().softmax(dim=-1)  # (B, V)
+    probs = at_least_fp32(logits).softmax(dim=-1)  # (B, V)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
     gens = list(generator)
@@ -329,7 +330,7 @@ def no_cache_step(model: ARModel, tokens: torch.Tensor, labels_c: torch.Tensor, 
     info = DecodeInfo(n=n, L=model.block_size)
     for k in range(K):
         logits = out.logits[0] if k == 0 else model.head(out.hidden, x)[k]  # (Bc, n+1, V_k)
-        tok = choose(k, logits[:, n].float(), info)  # (B,)
+        tok = choose(k, at_least_fp32(logits[:, n]), info)  # (B,)
         prefix[:, n, k] = tok
         x[:, n, k] = torch.cat([tok, tok]) if guided else tok
     return prefix[:, n]

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from arforge.device import at_least_fp32
 from arforge.nn.llama import RMSNorm
 
 __all__ = ["LinearHead"]
@@ -41,7 +42,7 @@ class LinearHead(nn.Module):
         raise TypeError("the linear head shares no embedding (§1.5: no weight tying)")
 
     def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return [self.output(self.norm(h)).float()]  # [(B, L, V)]
+        return [at_least_fp32(self.output(self.norm(h)))]  # [(B, L, V)]
 
     # -------------------------------------------------------------- decoding
     def setup_cache(self, *, batch: int, dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -53,5 +54,5 @@ class LinearHead(nn.Module):
     def decode_position(self, h: torch.Tensor, n: int,
                         choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """h (Bc, 1, D) -> chosen tokens (Bc, 1)."""
-        logits = self.output(self.norm(h[:, 0])).float()  # (Bc, V)
+        logits = at_least_fp32(self.output(self.norm(h[:, 0])))  # (Bc, V)
         return choose(0, logits)[:, None]  # (Bc, 1)

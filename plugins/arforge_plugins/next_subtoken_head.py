@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from arforge.device import at_least_fp32
 from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock
 
 __all__ = ["NextSubtokenHead"]
@@ -91,7 +92,7 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
         for blk in self.factorized_blocks:
             x = blk(x, self.freqs_cis)
         x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 2, D)
-        return [self.head[0](x[:, :, 0]).float(), self.head[1](x[:, :, 1]).float()]
+        return [at_least_fp32(self.head[0](x[:, :, 0])), at_least_fp32(self.head[1](x[:, :, 1]))]
 
     # ------------------------------------------------------------- decoding
     def setup_cache(self, *, batch: int, dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -122,6 +123,6 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
     def decode_position(self, h: torch.Tensor, n: int,
                         choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """§9.4 steps 2–3: h (Bc, 1, D) -> (pre, post) (Bc, 2); slot 0 then slot 1 reusing slot 0's K/V."""
-        pre = choose(0, self.head[0](self._slot(h, 0)).float())  # (Bc,)
-        post = choose(1, self.head[1](self._slot(self.pre_emb(pre)[:, None], 1)).float())  # (Bc,)
+        pre = choose(0, at_least_fp32(self.head[0](self._slot(h, 0))))  # (Bc,)
+        post = choose(1, at_least_fp32(self.head[1](self._slot(self.pre_emb(pre)[:, None], 1))))  # (Bc,)
         return torch.stack([pre, post], dim=1)  # (Bc, 2)

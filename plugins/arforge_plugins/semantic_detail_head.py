@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from arforge.device import at_least_fp32
 from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, canonical_device
 
 __all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
@@ -144,7 +145,7 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
         for blk in self.factorized_blocks:
             x = blk(x, self.freqs_cis)
         x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 3, D); slot 0's output is unused
-        return [self.output1(x[:, :, 1]).float(), self.output2(x[:, :, 2]).float()]
+        return [at_least_fp32(self.output1(x[:, :, 1])), at_least_fp32(self.output2(x[:, :, 2]))]
 
     # ------------------------------------------------------------- decoding
     def setup_cache(self, *, batch: int, dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -196,7 +197,7 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
         window = hist[:, torch.where(idx < 0, L, idx)]  # (Bc, 12, c)
         u = self.mlp2(window.reshape(h.shape[0], -1).to(h.dtype))  # (Bc, 12c) -> (Bc, D)
         x = self._blocks_step(torch.stack([u, h[:, 0]], dim=1), 0)  # slots 0–1: (Bc, 2, D) -> (Bc, D)
-        s = choose(0, self.output1(x).float())  # (Bc,)
+        s = choose(0, at_least_fp32(self.output1(x)))  # (Bc,)
         x = self._blocks_step(self.tok_embeddings1(s)[:, None], 2)  # slot 2: (Bc, 1, D) -> (Bc, D)
-        d = choose(1, self.output2(x).float())  # (Bc,)
+        d = choose(1, at_least_fp32(self.output2(x)))  # (Bc,)
         return torch.stack([s, d], dim=1)  # (Bc, 2)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arforge.device import at_least_fp32
+
 __all__ = [
     "find_multiple",
     "ffn_hidden_size",
@@ -68,7 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_fp32(x)
         out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -186,7 +188,7 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     x: (B, T, H, hd); freqs_cis: (T, hd/2, 2). Computed in fp32 and cast back to
     x's dtype (LlamaGen/IAR2; Open-MAGVIT2 keeps fp32, identical in fp32 runs).
     """
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
+    xs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
     fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)  # (1, T, 1, hd/2, 2)
     out = torch.stack([
         xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
@@ -347,7 +349,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         attn_cls = None
         if return_cls_attn:
-            scores = (q[:, :, -1:].float() @ keys.float().transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, 1, S)
+            scores = (at_least_fp32(q[:, :, -1:]) @ at_least_fp32(keys).transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, 1, S)
             attn_cls = scores.softmax(dim=-1)[:, :, 0, 0].mean(dim=1)  # (B,)
         return self._out(y), attn_cls
 

@@ -86,8 +86,11 @@ def _wrap(model: nn.Module, parallel: str, ctx) -> nn.Module:
         return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=ctx.precision.dtype if ctx.precision.name != "fp32" else None,
-                              reduce_dtype=torch.float32)
+    # Gradients are reduced in fp32 under bf16/fp16 autocast, and in the parameters' own dtype
+    # otherwise (an fp64 model, as the 2-rank equivalence test uses, keeps fp64 reductions).
+    mixed = ctx.precision.name != "fp32"
+    mp = MixedPrecisionPolicy(param_dtype=ctx.precision.dtype if mixed else None,
+                              reduce_dtype=torch.float32 if mixed else None)
     inner = _unwrap(model)
     blocks = list(getattr(inner.backbone, "layers", []))
     for block in blocks:
