@@ -93,3 +93,66 @@ def test_rng_state_round_trip():
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert not math.isnan(b[2])
+
+
+def _shards(tmp_path, n: int = 10):
+    from PIL import Image
+
+    from arforge.data import write_image_shards
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = tmp_path / "images" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return write_image_shards(source=tmp_path / "images", output_dir=tmp_path / "shards", max_count=3,
+                              progress=False)
+
+
+def test_infinite_loader_trains_on_shards_and_resumes_at_the_same_batch(tmp_path):
+    """Webdataset shards are an IterableDataset: no sampler, one pass per epoch, and a resumed loader
+    (re-reading the finished part of its epoch) continues with the batches and the RNG stream of an
+    uninterrupted one, random crops in the main process included."""
+    from arforge.data import ImageShardsDataset
+
+    info = _shards(tmp_path)
+
+    def loader():
+        data = ImageShardsDataset(urls=info.pattern, transform="adm_train", image_size=8, shuffle_shards=True,
+                                  shuffle_buffer=4, seed=5)
+        return tc.InfiniteLoader(data, batch_size=3, seed=1)
+
+    def take(lo, k):  # the images and the RNG draw that follows each batch (training consumes RNG too)
+        out = []
+        for _ in range(k):
+            images, labels = next(lo)
+            out.append((images.clone(), labels.tolist(), random.random()))
+        return out
+
+    random.seed(0)
+    ref = take(loader(), 8)  # 10 samples, batches of 3: 3 per pass, so this crosses two epoch ends
+    random.seed(0)
+    first = loader()
+    got = take(first, 4)
+    state, rng = first.state(), tc.rng_state()
+    assert state == {"epoch": 1, "batch_in_epoch": 1}
+    resumed = loader()
+    resumed.load_state(state)
+    tc.set_rng_state(rng)
+    got += take(resumed, 4)
+    for (a, la, ra), (b, lb, rb) in zip(ref, got):
+        assert torch.equal(a, b) and la == lb and ra == rb
+    epoch0 = torch.cat([images for images, _, _ in ref[:3]])
+    epoch1 = torch.cat([images for images, _, _ in ref[3:6]])
+    assert not torch.equal(epoch0, epoch1)  # each pass is reshuffled (and re-cropped)
+
+
+def test_infinite_loader_names_a_stream_shorter_than_one_batch(tmp_path):
+    from arforge.data import ImageShardsDataset
+    from arforge.errors import ArforgeError
+
+    info = _shards(tmp_path, n=4)
+    lo = tc.InfiniteLoader(ImageShardsDataset(urls=info.pattern, transform="adm_eval", image_size=8),
+                           batch_size=5, seed=0)
+    with pytest.raises(ArforgeError, match="fewer than one batch of 5"):
+        next(lo)

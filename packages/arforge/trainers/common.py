@@ -224,20 +224,44 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
 
 class InfiniteLoader:
-    """Iterates batches forever over epochs, tracking (epoch, batches done) for resume."""
+    """Iterates batches forever over epochs, tracking (epoch, batches done) for resume.
+
+    Map-style datasets are read through a :class:`ResumableSampler`: a resumed
+    run continues at the exact sample of its epoch's permutation.
+
+    Iterable datasets (webdataset shards, ``ImageShardsDataset``) order and
+    split themselves: by rank and DataLoader worker, shuffled by their own
+    settings and reseeded per epoch with ``set_epoch``; a DataLoader refuses a
+    sampler for them. An epoch is one pass of the stream and ends when the
+    stream does (its length need not be known, and ranks may reach the end at
+    different steps: training is step-based). Resume restores the same
+    position, (epoch, batches done in it): the epoch's stream is reopened and
+    the batches already trained on are read again and dropped. A stream is a
+    function of (its seed, the epoch, rank, worker count), so with the same
+    ``num_workers`` the resumed run sees the batches an uninterrupted run would
+    have; the cost is re-reading the finished part of the epoch. The RNG state
+    restored from the checkpoint is kept across that skip, so transforms
+    running in the main process (``num_workers=0``) do not shift it. A stream
+    that repeats forever (``repeat=True``) is one endless epoch: leave it off
+    here, the loader makes the passes.
+    """
 
     def __init__(self, dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, collate_fn: Callable | None = None, shuffle: bool = True):
         self.dataset = dataset
         self.batch_size = batch_size
-        self.sampler = ResumableSampler(len(dataset), seed=seed, shuffle=shuffle, rank=rank,
-                                        world_size=world_size)
-        per_epoch = len(self.sampler) // batch_size
-        if per_epoch == 0:
-            raise ArforgeError(
-                f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}"
-                f"{' per rank' if world_size > 1 else ''}; lower the batch size")
-        self.batches_per_epoch = per_epoch
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.sampler: ResumableSampler | None = None
+        self.batches_per_epoch: int | None = None  # unknown for a stream: its end ends the epoch
+        if not self.streaming:
+            self.sampler = ResumableSampler(len(dataset), seed=seed, shuffle=shuffle, rank=rank,
+                                            world_size=world_size)
+            per_epoch = len(self.sampler) // batch_size
+            if per_epoch == 0:
+                raise ArforgeError(
+                    f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}"
+                    f"{' per rank' if world_size > 1 else ''}; lower the batch size")
+            self.batches_per_epoch = per_epoch
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.epoch = 0
@@ -252,14 +276,37 @@ class InfiniteLoader:
         self._it = None
 
     def _open(self) -> None:
-        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.batch_size)
-        if hasattr(self.dataset, "set_epoch"):  # e.g. token codes pick their ten-crop view per epoch
+        if hasattr(self.dataset, "set_epoch"):  # token codes pick their ten-crop view, shards reshuffle
             self.dataset.set_epoch(self.epoch)
+        generator = torch.Generator().manual_seed(self.epoch)
+        if self.streaming:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers,
+                collate_fn=self.collate_fn, persistent_workers=False, generator=generator)
+            self._it = iter(loader)
+            if self.batch_in_epoch:
+                self._skip(self.batch_in_epoch)
+            return
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.batch_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
             num_workers=self.num_workers, collate_fn=self.collate_fn,
-            persistent_workers=False, generator=torch.Generator().manual_seed(self.epoch))
+            persistent_workers=False, generator=generator)
         self._it = iter(loader)
+
+    def _skip(self, batches: int) -> None:
+        saved = rng_state()
+        try:
+            for done in range(batches):
+                try:
+                    next(self._it)
+                except StopIteration:
+                    raise ArforgeError(
+                        f"cannot resume at batch {batches} of epoch {self.epoch}: the data stream now ends "
+                        f"after {done} batches; the shards (or num_workers, which splits them) changed "
+                        "since the checkpoint") from None
+        finally:
+            set_rng_state(saved)
 
     def __iter__(self):
         return self
@@ -270,16 +317,27 @@ class InfiniteLoader:
         try:
             batch = next(self._it)
         except StopIteration:
+            if self.streaming and self.batch_in_epoch == 0:
+                raise self._short_stream() from None
             self.epoch += 1
             self.batch_in_epoch = 0
             self._open()
-            batch = next(self._it)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise self._short_stream() from None
         self.batch_in_epoch += 1
-        if self.batch_in_epoch >= self.batches_per_epoch:
+        if self.batches_per_epoch is not None and self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
             self._it = None
         return batch
+
+    def _short_stream(self) -> ArforgeError:
+        source = getattr(self.dataset, "source", type(self.dataset).__name__)
+        return ArforgeError(
+            f"the data stream {source} yields fewer than one batch of {self.batch_size} in a pass (per rank "
+            "and DataLoader worker); lower the batch size or give every rank and worker more shards")
 
 
 # ----------------------------------------------------------------- the loop
