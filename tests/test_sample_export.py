@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from arforge.checkpoint import CheckpointError, save_checkpoint
+from arforge.checkpoint import CheckpointError, mark_loaded, save_checkpoint
 from arforge.data.extraction import local_context
 from arforge.generation import decode_tokens, generate
 from arforge.metrics.adm import to_uint8
@@ -68,6 +68,9 @@ def _sampler():
 
 def _run(out: Path, tracker=None, **kw) -> dict:
     model, tokenizer = kw.pop("pair", None) or _llamagen_pair()
+    for module, checkpoint in ((model, "model_checkpoint"), (tokenizer, "tokenizer_checkpoint")):
+        if kw.get(checkpoint) is None:  # weights set here in Python: declared, as jobs.sample requires
+            mark_loaded(module, "set by the test")
     ctx = local_context(out, tracker=tracker or FakeTracker(), seed=SEED)
     args = dict(model=model, tokenizer=tokenizer, sampler=_sampler(), samples_per_class=N, batch_size=4,
                 top_k=8, progress=False)

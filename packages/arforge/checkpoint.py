@@ -379,12 +379,55 @@ def unwrap_container(obj: Any, *, prefer: str = "model") -> tuple[dict[str, torc
         f"but none of {prefer!r}, 'state_dict', 'module', 'model'")
 
 
+# ============================================================= loaded weights
+#: The attribute :func:`mark_loaded` sets: where the module's weights came from.
+LOADED_FROM = "arforge_weights_from"
+
+
+def mark_loaded(module: Any, source: str | os.PathLike) -> Any:
+    """Record on ``module`` that its weights were loaded from ``source`` (a file or checkpoint folder).
+
+    Why: gin builds a *new* object every time a reference is evaluated, so ``%TOKENIZER`` bound in
+    two places is two tokenizers. A loader can fill one of them with trained weights while a job
+    receives the other, still at its random initialisation, and a sampler then decodes plausible
+    looking noise without any error. The rule that makes this impossible: every loader
+    (``loaders.arforge_checkpoint``, ``loaders.official_*``, a job's own ``*_checkpoint`` arguments)
+    marks the very object it filled, and a job that needs trained weights (``jobs.sample``) refuses
+    an unmarked one with :func:`require_loaded`. Weights set some other way (in Python, in a
+    notebook) are declared with this function. The path is also kept as ``checkpoint_path`` for
+    provenance (sample metadata, code manifests).
+    """
+    setattr(module, LOADED_FROM, str(source))
+    module.checkpoint_path = str(source)
+    return module
+
+
+def loaded_from(module: Any) -> str | None:
+    """Where :func:`mark_loaded` says ``module``'s weights came from; None if nothing loaded them."""
+    return getattr(module, LOADED_FROM, None)
+
+
+def require_loaded(module: Any, *, binding: str, checkpoint_binding: str | None = None) -> str:
+    """``module``'s weight source; a :class:`CheckpointError` naming ``binding`` if it was never loaded."""
+    source = loaded_from(module)
+    if source is not None:
+        return source
+    ways = f"set {checkpoint_binding} to its arforge checkpoint, or " if checkpoint_binding else ""
+    raise CheckpointError(
+        f"{binding}: the {type(module).__name__} it received was never loaded with weights (it is at its "
+        f"random initialisation). To give it weights, {ways}bind {binding} to a loader call "
+        "(@<scope>/loaders.arforge_checkpoint() or @<scope>/loaders.official_*(), with .module and "
+        f".checkpoint). If a loader already fills a module for this job, {binding} received another "
+        "object: gin builds a new object every time a reference such as %TOKENIZER is used, so bind "
+        f"{binding} to the loader call itself, not to the macro.")
+
+
 def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: str = "model") -> torch.nn.Module:
     """Load ``weights`` (``model`` or ``ema``) of an arforge checkpoint into ``module``, strictly.
 
     ``checkpoint`` is a checkpoint directory, or a run's ``checkpoints`` folder
-    (its ``latest``). The path is recorded on the module as ``checkpoint_path``
-    so that later stages (code extraction manifests, sample metadata) can name it.
+    (its ``latest``). The module is marked as loaded (:func:`mark_loaded`: ``checkpoint_path``
+    names the folder for code manifests and sample metadata, and ``jobs.sample`` accepts it).
     This is the gin-facing way to hand a trained component to a job::
 
         jobs.extract_codes.tokenizer = @tokenizer/loaders.arforge_checkpoint()
@@ -409,5 +452,4 @@ def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: 
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
             f"shape mismatches {shapes[:8]}. Was it trained with the same gin preset?")
     module.load_state_dict(state, strict=True)
-    module.checkpoint_path = str(loaded.path)
-    return module
+    return mark_loaded(module, loaded.path)

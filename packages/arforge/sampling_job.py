@@ -38,7 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from arforge.checkpoint import CheckpointError, load_checkpoint, strip_wrapper_prefixes
+from arforge.checkpoint import (CheckpointError, load_checkpoint, mark_loaded, require_loaded,
+                                strip_wrapper_prefixes)
 from arforge.errors import ConfigError
 from arforge.generation import CFGSampler, NoGuidance, decode_tokens, generate, sampling_settings
 from arforge.interfaces import as_grid
@@ -66,8 +67,8 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
     ``which="auto"`` takes ``ema`` when the checkpoint has it, else ``model``.
     ``path`` may be ``outputs:<experiment>/<run>/...`` (:func:`arforge.tracking.resolve_path`).
     Like :func:`arforge.checkpoint.restore` (``loaders.arforge_checkpoint``), it
-    records the path as ``module.checkpoint_path``. Returns what was loaded
-    (path, step, entry) for logging.
+    marks the module as loaded from that path (:func:`arforge.checkpoint.mark_loaded`).
+    Returns what was loaded (path, step, entry) for logging.
     """
     from arforge.tracking import resolve_path
 
@@ -85,7 +86,7 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
         raise CheckpointError(f"{ckpt.path} [{entry}] does not fit the configured {what} "
                               f"({type(module).__name__}); check the preset/size in the gin file against the "
                               f"checkpoint. {str(exc)[:1500]}") from exc
-    module.checkpoint_path = str(ckpt.path)
+    mark_loaded(module, ckpt.path)
     return {"path": str(ckpt.path), "step": ckpt.step, "weights": entry}
 
 
@@ -143,7 +144,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         model_checkpoint, tokenizer_checkpoint: arforge checkpoint directories
             (a ``step_*`` folder, or a ``checkpoints`` folder with ``latest``;
             ``outputs:<experiment>/<run>/...`` works) to load strictly. Leave them
-            None for components already restored with ``loaders.arforge_checkpoint``.
+            None for components already restored by a loader (``loaders.arforge_checkpoint``,
+            ``loaders.official_*``). A model or tokenizer that neither filled is refused
+            (:func:`arforge.checkpoint.mark_loaded` says why).
         model_weights, tokenizer_weights: ``auto`` (``ema`` if present, else
             ``model``), ``model`` or ``ema``.
         temperature, top_k, top_p, greedy: per sub-token (a tuple) or for all (§9.1, §10).
@@ -191,6 +194,10 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     if tokenizer_checkpoint is not None:
         loaded["tokenizer"] = load_module_weights(tokenizer, tokenizer_checkpoint, which=tokenizer_weights,
                                                   what="tokenizer")
+    # Random weights decode noise that looks like a result: refuse them before any work.
+    require_loaded(model, binding="jobs.sample.model", checkpoint_binding="jobs.sample.model_checkpoint")
+    require_loaded(tokenizer, binding="jobs.sample.tokenizer",
+                   checkpoint_binding="jobs.sample.tokenizer_checkpoint")
     model.to(device).eval()
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(device).eval()

@@ -9,8 +9,24 @@ A launch names them like ``loaders.arforge_checkpoint``::
     model/loaders.official_llamagen_gpt.module = %MODEL
     model/loaders.official_llamagen_gpt.checkpoint = "/ckpts/c2i_B_256.pt"
 
-The file path is recorded on the module as ``checkpoint_path`` and its SHA-256
-as ``checkpoint_sha256`` (sample metadata names the exact file).
+Each loader fills exactly the module it returns and marks it as loaded
+(:func:`arforge.checkpoint.mark_loaded`: ``checkpoint_path`` is the file, and
+``checkpoint_sha256`` its SHA-256, so sample metadata names the exact file);
+``jobs.sample`` refuses a module no loader filled. One loader call per module:
+Open-MAGVIT2's ``AR_256_*.ckpt`` holds the transformer and its tokenizer, and
+each is read by its own loader from that one file::
+
+    jobs.sample.model = @model/loaders.official_open_magvit2_ar()
+    model/loaders.official_open_magvit2_ar.module = %MODEL
+    model/loaders.official_open_magvit2_ar.checkpoint = %AR_OFFICIAL
+    jobs.sample.tokenizer = @tokenizer/loaders.official_open_magvit2_tokenizer()
+    tokenizer/loaders.official_open_magvit2_tokenizer.module = %TOKENIZER
+    tokenizer/loaders.official_open_magvit2_tokenizer.checkpoint = %AR_OFFICIAL
+    tokenizer/loaders.official_open_magvit2_tokenizer.weights = "model"
+
+(A loader that filled a second module passed in as an argument would fill a
+different object than the one the job is given whenever both are bound to a
+macro such as ``%TOKENIZER``: gin builds a new object for each use.)
 """
 
 from __future__ import annotations
@@ -21,7 +37,7 @@ from pathlib import Path
 
 from torch import nn
 
-from arforge.checkpoint import CheckpointError
+from arforge.checkpoint import CheckpointError, mark_loaded
 
 from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
 
@@ -39,7 +55,7 @@ def _record(module: nn.Module, path: Path) -> nn.Module:
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
-    module.checkpoint_path = str(path)
+    mark_loaded(module, path)
     module.checkpoint_sha256 = h.hexdigest()
     return module
 
@@ -51,17 +67,11 @@ def official_llamagen_gpt(*, module: nn.Module, checkpoint: str | os.PathLike, w
     return _record(module, path)
 
 
-def official_open_magvit2_ar(*, module: nn.Module, checkpoint: str | os.PathLike,
-                             tokenizer: nn.Module | None = None) -> nn.Module:
-    """Open-MAGVIT2 ``AR_256_{B,L,XL}.ckpt`` (§5); with ``tokenizer``, also its embedded tokenizer."""
+def official_open_magvit2_ar(*, module: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
+    """Open-MAGVIT2 ``AR_256_{B,L,XL}.ckpt`` (§5): the transformer. Its embedded tokenizer
+    (``first_stage_model.*``) is read by ``loaders.official_open_magvit2_tokenizer`` from the same file."""
     path = _path(checkpoint, "loaders.official_open_magvit2_ar")
-    result = ar_checkpoints.load_open_magvit2_ar(module, path)
-    if tokenizer is not None:
-        if not result.tokenizer_state:
-            raise CheckpointError(f"{path} embeds no first_stage_model.* tokenizer weights")
-        tokenizer_checkpoints.load_open_magvit2_tokenizer(tokenizer, {"state_dict": result.tokenizer_state},
-                                                          which="model")
-        _record(tokenizer, path)
+    ar_checkpoints.load_open_magvit2_ar(module, path)
     return _record(module, path)
 
 
@@ -88,7 +98,11 @@ def official_iar2_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weight
 
 def official_open_magvit2_tokenizer(*, module: nn.Module, checkpoint: str | os.PathLike,
                                     weights: str = "ema") -> nn.Module:
-    """Open-MAGVIT2 ``imagenet_{256,128}_L.ckpt`` (§4): EMA weights by default (as rFID was reported)."""
+    """Open-MAGVIT2 ``imagenet_{256,128}_L.ckpt`` (§4): EMA weights by default (as rFID was reported).
+
+    An ``AR_256_*.ckpt`` works too: its ``first_stage_model.*`` entries are the tokenizer the AR
+    model was trained with (raw weights only: ``weights="model"``).
+    """
     path = _path(checkpoint, "loaders.official_open_magvit2_tokenizer")
     tokenizer_checkpoints.load_open_magvit2_tokenizer(module, path, which=weights)
     return _record(module, path)

@@ -29,6 +29,8 @@ from arforge.checkpoint import CheckpointError, load_foreign, strip_wrapper_pref
 from arforge.keymap import KeyMap, KeyMapError
 from arforge.weights import sha256_of
 
+from arforge_plugins.ar_checkpoints import TOKENIZER_PREFIX as AR_TOKENIZER_PREFIX
+
 #: ``quantize.codebook_used`` / ``codebook_used2``: usage windows of 65,536 ids (tokenizers.md §1.5.8).
 USAGE_BUFFER_LENGTH = 65536
 
@@ -213,7 +215,9 @@ def load_open_magvit2_tokenizer(tokenizer: nn.Module, checkpoint: Any, *, which:
 
     Args:
         tokenizer: built by ``open_magvit2_tokenizer`` (the LFQ holds no persistent state).
-        checkpoint: a path, the Lightning container (``{"state_dict": ...}``) or its state dict.
+        checkpoint: a path, the Lightning container (``{"state_dict": ...}``) or its state dict;
+            also an ``AR_256_*.ckpt``, whose ``first_stage_model.*`` entries are the tokenizer
+            (checkpoints.md §5; the transformer's entries are the AR loader's).
         which: "model" (raw weights), "ema", or "auto" (EMA when the file has it: the
             tokenizer-evaluation default, checkpoints.md §4).
     """
@@ -222,6 +226,9 @@ def load_open_magvit2_tokenizer(tokenizer: nn.Module, checkpoint: Any, *, which:
     obj, path, sha = _read(checkpoint)
     state, entry = unwrap_container(obj, prefer="state_dict")
     state = strip_wrapper_prefixes(state)
+    embedded = {k[len(AR_TOKENIZER_PREFIX):]: v for k, v in state.items() if k.startswith(AR_TOKENIZER_PREFIX)}
+    if embedded:  # an AR file: only its tokenizer part is ours, strictly mapped like a tokenizer file
+        state, entry = embedded, f"{entry}/{AR_TOKENIZER_PREFIX}*"
     has_ema = any(k.startswith("model_ema.") for k in state)
     if which == "auto":
         which = "ema" if has_ema else "model"
