@@ -8,6 +8,22 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs two workers on two cores: one intra-op thread each, or OpenMP barriers
+    # stall every small op (a user's own OMP_NUM_THREADS still wins). torch is not imported yet.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is ``numeric`` unless its module is marked ``plumbing``.
+
+    ``tests/test_portability.py`` re-runs the numeric tests under other CPU kernels and another
+    thread count; a new test module is covered by default and opts out only by saying that it tests
+    configuration, command lines, tracking or files.
+    """
+    for item in items:
+        if item.get_closest_marker("plumbing") is None:
+            item.add_marker("numeric")
 
 
 @pytest.fixture(autouse=True)

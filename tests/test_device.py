@@ -9,6 +9,8 @@ import torch
 
 from arforge import device as dev
 
+pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
+
 
 def test_cpu_and_auto():
     assert dev.resolve_device("cpu") == torch.device("cpu")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import textwrap
 
 from arforge import launch
 from arforge import registry as reg
+
+pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
 
 
 def echo_stage(ctx, *, value: int = 0) -> dict:

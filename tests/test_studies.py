@@ -35,6 +35,8 @@ import os
 import time
 from pathlib import Path
 
+pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
+
 
 def studyquad(ctx, *, x=0.0, y=0.0, steps=4, started_dir=None, gate=None, hold=None, fail_marker=None):
     """(x - 1)^2 + (y + 0.5)^2; intermediate values converge to it from above."""
