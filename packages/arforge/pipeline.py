@@ -92,9 +92,11 @@ def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) ->
             continue
         ctx.log(f"stage {i + 1}/{len(paths)}: {path.name}")
         t0 = time.time()
-        # Order matters: the pipeline file's own bindings, then the launch's (--bind, a trial's
-        # suggestions), which therefore win.
-        results[path.stem] = launch.run_file(path, [*own_bindings, *bindings, *forwarded],
+        # Order matters: the pipeline file's bindings, then the pipeline's experiment (an include
+        # there, e.g. a variant's common file, must not move the nested runs to another
+        # experiment, where MLflow no longer shows them under the pipeline run), then the
+        # launch's (--bind, a trial's suggestions), which therefore win.
+        results[path.stem] = launch.run_file(path, [*bindings, *own_bindings, *forwarded],
                                              parent_run_id=ctx.tracker.run_id,
                                              reporter=ctx.reporter)
         seconds = time.time() - t0
