@@ -27,6 +27,8 @@ from arforge import studies
 from arforge.errors import ConfigError
 from plugin_fixtures import make_plugin_dist
 
+pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
+
 # The toy job, as the source of a plugin distribution: worker subprocesses find it
 # through the real entry point; in-process tests register the very same function.
 TOY_SOURCE = '''
@@ -34,8 +36,6 @@ TOY_SOURCE = '''
 import os
 import time
 from pathlib import Path
-
-pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
 
 
 def studyquad(ctx, *, x=0.0, y=0.0, steps=4, started_dir=None, gate=None, hold=None, fail_marker=None):
@@ -216,7 +216,8 @@ def test_bind_splits_between_the_study_and_every_trial():
         "study.n_trials = 3", "x/space.float.low = 0.5", "arforge.study.seed = 2", "SCALE = 2.0",
         'launch.device = "cuda"', "jobs.studyquad.steps = 2", "jobs.study.x = 1"])
     assert own == ["study.n_trials = 3", "x/space.float.low = 0.5", "arforge.study.seed = 2", "SCALE = 2.0"]
-    assert trial == ['launch.device = "cuda"', "jobs.studyquad.steps = 2", "jobs.study.x = 1"]
+    # a macro also reaches the trials: the launch files name their data through macros
+    assert trial == ["SCALE = 2.0", 'launch.device = "cuda"', "jobs.studyquad.steps = 2", "jobs.study.x = 1"]
 
 
 def test_bad_space_binding_fails_before_any_trial(tmp_path):

@@ -416,11 +416,17 @@ _MACRO = re.compile(r"^\s*[A-Za-z_]\w*\s*=")
 
 
 def split_bindings(bindings: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split ``--bind`` values into study-file bindings (``study.*``, ``space.*``,
-    macros) and launch bindings added to every trial."""
+    """Split ``--bind`` values into study-file bindings (``study.*``, ``space.*``) and launch
+    bindings added to every trial. A macro goes to both: the launch files name their data through
+    macros (``REFERENCE``, ``IMAGENET_TRAIN``, ``NUM_CLASSES``), and a study file may use its own;
+    defining a macro a file does not use changes nothing there."""
     own, trial = [], []
     for b in bindings:
-        (own if _STUDY_SELECTOR.match(b) or _MACRO.match(b) else trial).append(b)
+        if _MACRO.match(b):
+            own.append(b)
+            trial.append(b)
+        else:
+            (own if _STUDY_SELECTOR.match(b) else trial).append(b)
     return own, trial
 
 
@@ -1397,8 +1403,8 @@ def run_study(study_file: str | os.PathLike, bindings: Sequence[str] = (), *, st
               verbose: bool = True, plots: bool = True) -> StudyResult:
     """Run (or join, or resume) the study of ``study_file`` until it has its trials.
 
-    ``bindings`` that target the study (``study.*``, ``space.*``, macros) change
-    the study file; any other binding is added to every trial's launch.
+    ``bindings`` that target the study (``study.*``, ``space.*``) change the study
+    file; any other binding is added to every trial's launch, a macro to both.
     ``plots=False`` skips the Optuna plots (they take a few seconds).
     """
     return StudyRunner(study_file, bindings, storage=storage, n_trials=n_trials,
