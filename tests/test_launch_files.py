@@ -18,7 +18,7 @@ FILES = tl.launch_files()
 def _param(lf):
     # One xdist worker per experiment world: its stages share outputs and run in dependency order.
     try:
-        world = getattr(tl.module_for(lf), "WORLD", lf.folder)
+        world = tl.world_key(lf)
     except ModuleNotFoundError:
         world = lf.folder
     return pytest.param(lf, id=lf.rel, marks=pytest.mark.xdist_group(world))

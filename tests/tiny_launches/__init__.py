@@ -158,6 +158,17 @@ class World:
         return self.cache[name]
 
 
+def world_key(lf: LaunchFile) -> str:
+    """The world ``lf`` runs in: its module's ``WORLD``, else its folder's; a study's (without its
+    own ``WORLD``) is the world of the launch file it studies, whose stages' outputs its trials read."""
+    mod = module_for(lf)
+    if hasattr(mod, "WORLD"):
+        return mod.WORLD
+    if lf.kind == "study":
+        return world_key(describe(lf.study_launch))
+    return lf.folder
+
+
 class Runner:
     """Runs launch files through the CLI in-process, each at most once per world, dependencies first."""
 
@@ -168,7 +179,7 @@ class Runner:
         self.index = launch_files()
 
     def world(self, lf: LaunchFile) -> World:
-        key = module_for(lf).WORLD if hasattr(module_for(lf), "WORLD") else lf.folder
+        key = world_key(lf)
         if key not in self._worlds:
             self._worlds[key] = World(self._tmp.mktemp(f"world-{key}"))
         return self._worlds[key]
