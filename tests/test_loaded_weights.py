@@ -28,7 +28,7 @@ GIN_TINY = ['models.open_magvit2_ar.size = "tiny"', f"models.open_magvit2_ar.fac
             "models.open_magvit2_ar.block_size = 16", "models.open_magvit2_ar.num_classes = 2",
             f"tokenizers.open_magvit2.preset = {TINY}", f"quantizers.lfq.bits = {BITS}"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.plumbing, pytest.mark.usefixtures("one_thread")]  # loads copy weights exactly
 
 
 def _pair(seed: int):
