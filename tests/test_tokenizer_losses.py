@@ -169,6 +169,23 @@ def test_lpips_heads_are_the_packaged_v01_heads(vgg_lpips):
     assert torch.equal(vgg_lpips.model.lin2.model[1].weight, heads["lin2.model.1.weight"])
 
 
+def test_lpips_is_built_without_leftover_memory(vgg_file, vgg_lpips):
+    """LPIPS is allocated uninitialised (meta device): every entry must come from a file or lpips'
+    constants, i.e. equal lpips' own initialised build with the same files loaded."""
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True,
+                                model_path=str(tl.lpips_heads_path("vgg")), verbose=False)
+    tl.lpips_backbone_keymap("vgg").load_into(reference.net, torch.load(vgg_file, weights_only=True))
+    ours = vgg_lpips.model.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
+
+
 def test_lpips_backbone_map_is_strict(vgg_file, vgg_lpips):
     keymap = tl.lpips_backbone_keymap("vgg")
     sd = torch.load(vgg_file, weights_only=True)

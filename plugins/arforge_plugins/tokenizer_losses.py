@@ -224,10 +224,15 @@ class LPIPS(nn.Module):
 
         with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation inside lpips
             warnings.simplefilter("ignore")
-            model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True,
-                                model_path=str(heads), verbose=False)
-        # lpips itself loads the heads non-strictly; load them again strictly so a
-        # wrong heads file cannot pass silently.
+            # Built on the meta device and then allocated: every weight is loaded strictly below,
+            # and torchvision would otherwise randomly initialise the whole VGG16 (its 124M-parameter
+            # classifier included, which lpips drops) only to have it overwritten: ~2 s per build.
+            with torch.device("meta"):
+                model = lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+        model.to_empty(device="cpu")
+        model.scaling_layer.load_state_dict(lpips.ScalingLayer().state_dict())  # its two constants
+        # The heads, strictly (lpips would load them non-strictly), so a wrong heads file cannot
+        # pass silently.
         lins = nn.ModuleDict({f"lin{i}": getattr(model, f"lin{i}") for i in range(5)})
         KeyMap(name="lpips heads", rules=[(r"lin([0-4])\.model\.1\.weight", r"lin\1.model.1.weight")]
                ).load_into(lins, torch.load(heads, map_location="cpu", weights_only=True),
