@@ -199,6 +199,25 @@ def test_init_from_wrong_checkpoint_is_clear(tmp_path, digits):
                         batch_size=8, init_from=str(tmp_path / "vq" / "checkpoints"))
 
 
+def test_init_from_names_an_earlier_stage_by_its_outputs_path(digits):
+    """IAR2's stage-2 launch file starts from "outputs:iar2/tokenizer_stage1/checkpoints"; the
+    trainer resolves it in $ARFORGE_HOME like every other stage path, for the tokenizer and the
+    discriminator alike."""
+    from arforge import tracking
+
+    train, _ = digits
+    first = local_context(tracking.home() / "outputs" / "exp" / "stage1")
+    tok1, loss1 = _vq(seed=1), tokenizer_loss(recipe="llamagen", lpips_weight=0)
+    train_tokenizer(first, tokenizer=tok1, loss=loss1, dataset=train, steps=0, batch_size=8)
+    tok2, loss2 = _vq(seed=2), tokenizer_loss(recipe="llamagen", lpips_weight=0)
+    second = local_context(tracking.home() / "outputs" / "exp" / "stage2")
+    train_tokenizer(second, tokenizer=tok2, loss=loss2, dataset=train, steps=0, batch_size=8,
+                    init_from="outputs:exp/stage1/checkpoints")
+    for a, b in ((tok1, tok2), (loss1, loss2)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+
+
 def test_gin_launch_of_tiny_tokenizer(tmp_path):
     from arforge import launch
 

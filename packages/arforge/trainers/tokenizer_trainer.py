@@ -56,9 +56,12 @@ def load_init(model: nn.Module, path: str | Path, *, which: str = "model",
     """Initialise ``model`` from an arforge checkpoint, strictly except ``exclude`` patterns.
 
     Returns the names left at their fresh initialisation (e.g. IAR2's
-    ``quantize.embedding_second`` when stage 2 starts from stage 1).
+    ``quantize.embedding_second`` when stage 2 starts from stage 1). ``path`` may
+    name an earlier stage's output as ``outputs:<experiment>/<run>/checkpoints``.
     """
-    loaded = ck.load_checkpoint(path)
+    from arforge.tracking import resolve_path
+
+    loaded = ck.load_checkpoint(resolve_path(path))
     if which not in loaded.weights:
         raise ck.CheckpointError(f"{path} has no '{which}' weights (it has {sorted(loaded.weights)})")
     source = loaded.weights[which]
@@ -168,7 +171,8 @@ def train_tokenizer(
         save_every / keep_last: checkpoint period (iterations) and how many to keep.
         log_every / eval_every: metric and reconstruction-grid periods.
         eval_images / grid_images: validation images for metrics / for the picture.
-        init_from: an arforge checkpoint to start from (IAR2 stage 2 from stage 1).
+        init_from: an arforge checkpoint to start from (IAR2 stage 2 from stage 1); an earlier
+            stage's ``outputs:<experiment>/<run>/checkpoints`` works.
         init_exclude: regexes of parameters left freshly initialised by ``init_from``.
         stage_cycle: ``"iar2"`` for IAR2 stage 2's (second, second, first) cycle with four optimizers.
         semantic_codebook / detail_codebook: parameter names of E1 and E2 for that cycle.
@@ -186,7 +190,9 @@ def train_tokenizer(
         fresh = load_init(tokenizer, init_from, exclude=init_exclude)
         ctx.log(f"initialised from {init_from}; fresh: {fresh or 'nothing'}")
         if disc is not None:
-            loaded = ck.load_checkpoint(init_from)
+            from arforge.tracking import resolve_path
+
+            loaded = ck.load_checkpoint(resolve_path(init_from))
             if "loss" in loaded.weights:
                 loss.load_state_dict(loaded.weights["loss"], strict=True)
 
