@@ -10,7 +10,9 @@ import pytest
 
 import tiny_launches as tl
 
-pytestmark = pytest.mark.plumbing  # no floating-point result compared across kernels
+# plumbing: no floating-point result compared across kernels. one_thread: tiny launches on a busy
+# 2-core machine ran several times slower with two OpenMP threads (a 40-image sample took 20 s).
+pytestmark = [pytest.mark.plumbing, pytest.mark.usefixtures("one_thread")]
 
 FILES = tl.launch_files()
 

@@ -40,6 +40,8 @@ GIN_ROOT = REPO / "gin"
 _INCLUDE = re.compile(r'^\s*include\s+"([^"]+)"', re.M)
 _BINDING = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*=\s*(.+?)\s*(?:#.*)?$")
 _OUTPUT_REF = re.compile(r'"(outputs|pipeline):([\w.-]+)(?:/([\w.-]+))?')
+_MACRO_USE = re.compile(r"%([A-Za-z_][\w./]*)")
+_STAGES = re.compile(r"^\s*jobs\.pipeline\.stages\s*=\s*\[(.*?)\]", re.M | re.S)
 
 
 def _resolve_include(name: str, folder: Path) -> Path:
@@ -97,7 +99,11 @@ def describe(path: Path) -> LaunchFile | None:
     b = flat_bindings(path)
     refs = []
     text = path.read_text()
-    for m in _OUTPUT_REF.finditer(text + "\n" + "\n".join(f"{k} = {v}" for k, v in b.items())):
+    # A macro's path counts only where something uses it (%NAME): a common.gin that defines every
+    # stage's paths would otherwise make each stage depend on all the others, a cycle.
+    used = set(_MACRO_USE.findall(text + "\n" + "\n".join(b.values())))
+    bound = "\n".join(f"{k} = {v}" for k, v in b.items() if "." in k or k in used)
+    for m in _OUTPUT_REF.finditer(text + "\n" + bound):
         refs.append((m.group(1), m.group(2), m.group(3)))
     folder = path.relative_to(EXPERIMENTS).parts[0]
     if "study.launch_file" in b:
@@ -127,6 +133,8 @@ def dependencies(lf: LaunchFile, index: list[LaunchFile]) -> list[LaunchFile]:
     for scheme, first, second in lf.text_refs:
         if scheme == "outputs":
             exp, run = first, second
+        elif lf.job == "jobs.pipeline":
+            continue  # its own stages write its "pipeline:" folder; what they read elsewhere is below
         else:  # pipeline:<run>/...: the enclosing pipeline's folder, or the experiment's when run alone
             exp, run = lf.experiment, first
         if run == lf.run_name and exp == lf.experiment:
@@ -134,7 +142,21 @@ def dependencies(lf: LaunchFile, index: list[LaunchFile]) -> list[LaunchFile]:
         for other in index:
             if other.kind == "run" and other.experiment == exp and other.run_name == run and other not in deps:
                 deps.append(other)
+    own = pipeline_stages(lf)
+    for stage in own:
+        for other in dependencies(stage, index):
+            if other not in deps and other not in own:
+                deps.append(other)
     return deps
+
+
+def pipeline_stages(lf: LaunchFile) -> list[LaunchFile]:
+    """The stage files a ``jobs.pipeline`` launch runs (``jobs.pipeline.stages``); none for other jobs."""
+    m = _STAGES.search(lf.path.read_text()) if lf.job == "jobs.pipeline" else None
+    if m is None:
+        return []
+    found = [describe((lf.path.parent / name).resolve()) for name in re.findall(r'"([^"]+)"', m.group(1))]
+    return [f for f in found if f is not None]
 
 
 @dataclass
@@ -169,10 +191,32 @@ def world_key(lf: LaunchFile) -> str:
     return lf.folder
 
 
+def _no_fsync_in_worlds(dbapi_connection, _record) -> None:
+    """``PRAGMA synchronous = OFF`` for the SQLite stores (MLflow, Optuna) of the worlds and of
+    their MLflow template.
+
+    Every MLflow call commits, and a commit's fsync costs ~10 ms on this disk: the quickstart's
+    ~60 runs spent about a third of their time there, and the template's schema migrations took
+    3x longer. Both are thrown away after the session, so what the pragma risks (losing commits
+    to a power cut) costs nothing; other databases are left as they are.
+    """
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        path = dbapi_connection.execute("PRAGMA database_list").fetchone()[2]
+        if "/world-" in path or "/mlflow-template" in path:
+            dbapi_connection.execute("PRAGMA synchronous = OFF")
+
+
 class Runner:
     """Runs launch files through the CLI in-process, each at most once per world, dependencies first."""
 
     def __init__(self, tmp_factory) -> None:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        if not event.contains(Engine, "connect", _no_fsync_in_worlds):
+            event.listen(Engine, "connect", _no_fsync_in_worlds)
         self._tmp = tmp_factory
         self._worlds: dict[str, World] = {}
         self._done: dict[Path, Any] = {}
