@@ -67,6 +67,9 @@ def _feature_extractor(folder: Path, side: int) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = DigitsClassifier(image_size=side, width=4, feature_dim=8, num_classes=4)
+        with torch.no_grad():  # the default init leaves the ReLU features ~0 for any image: a blind FID
+            for p in net.parameters():
+                torch.nn.init.normal_(p, std=0.3)
     return net.save(folder / "feature_extractor.safetensors")
 
 
@@ -184,6 +187,9 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
         suggested.setdefault(_base(name), {})[_index(name)] = value
     stages = [r for r in tl.child_runs(world, trial.info.run_id)] if launch.job == "jobs.pipeline" else [trial]
     assert len(stages) == len(_stages(launch)), [s.info.run_name for s in stages]
+    for stage in stages:  # the objective is the FID of this trial's own samples, on the studies' extractor
+        if "eval.samples" in stage.data.params:
+            _expect_own_fid(world, trial, stage)
     folder = world.root / "checks" / trial.info.run_id
     used = {s.info.run_name: _operative_config(client, s.info.run_id, folder / s.info.run_name) for s in stages}
     for base, parts in suggested.items():
@@ -195,6 +201,21 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
             bound = ast.literal_eval(text)
             assert np.allclose(np.asarray(bound, dtype=float), np.asarray(expected, dtype=float), rtol=1e-9), \
                 (stage, base, bound, expected)
+
+
+def _expect_own_fid(world: tl.World, trial, stage) -> None:
+    from arforge.metrics.adm import FeatureStats, frechet_distance
+    from arforge_plugins.digits_classifier import DigitsClassifier
+
+    params = stage.data.params
+    samples = Path(params["eval.samples"])
+    assert f"/{trial.info.run_name}/" in str(samples), (trial.info.run_name, samples)  # never another trial's
+    net = DigitsClassifier.load(params["eval.weights_file"])
+    assert params["eval.weights_file"] == str(evaluation(world, net.image_size)["feature_extractor"])
+    with np.load(samples) as s, np.load(params["eval.reference"]) as r:
+        fid = frechet_distance(FeatureStats.of(net.features(s["arr_0"]).pool),
+                               FeatureStats.of(net.features(r["arr_0"]).pool))
+    assert math.isclose(trial.data.metrics["fid"], fid, rel_tol=1e-6), (trial.data.metrics["fid"], fid)
 
 
 def _operative_line(param: str) -> re.Pattern:
