@@ -123,7 +123,7 @@ def _space(lf: tl.LaunchFile) -> dict[str, dict[str, Any]]:
         prefix = f"{scope}/space.float" if scope else "space.float"
         assert ref.endswith("space.float"), f"{lf.rel}: {name} is searched by @{ref}(); teach the check its kind"
         out[name] = {"low": float(b[f"{prefix}.low"]), "high": float(b[f"{prefix}.high"]),
-                     "log": b.get(f"{prefix}.log", "False") == "True"}
+                     "log": ast.literal_eval(b.get(f"{prefix}.log", "False"))}
     assert out, f"{lf.rel}: no study.space entries found"
     return out
 
@@ -167,9 +167,8 @@ def expect(lf: tl.LaunchFile, world: tl.World, result) -> None:
         _expect_trial(lf, world, client, trial, frozen[number], space, launch)
     best = min(values) if direction == "minimize" else max(values)
     assert parent.data.metrics[f"best_{objective}"] == best, (parent.data.metrics, values)
-    tagged = [t for t in client.search_runs([parent.info.experiment_id],
-                                            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                            "and tags.`arforge.best` = 'true'")]
+    tagged = client.search_runs([parent.info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`arforge.best` = 'true'")
     assert [t.data.metrics[objective] for t in tagged] == [best], [t.info.run_name for t in tagged]
 
 
@@ -180,7 +179,9 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
     params = trial.data.params
     suggested: dict[str, dict[int | None, float]] = {}
     for name, bounds in space.items():
-        value = frozen.params[name]
+        value, searched = frozen.params[name], frozen.distributions[name]
+        assert (searched.low, searched.high, searched.log) == (bounds["low"], bounds["high"], bounds["log"]), \
+            (name, searched, bounds)  # the file's range, as Optuna searched it
         assert bounds["low"] <= value <= bounds["high"], (name, value, bounds)
         assert math.isclose(float(params[f"trial.{_base(name)}"].strip("()").split(",")[_index(name) or 0]),
                             value, rel_tol=1e-9), (name, params[f"trial.{_base(name)}"], value)
@@ -189,7 +190,7 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
     assert len(stages) == len(_stages(launch)), [s.info.run_name for s in stages]
     for stage in stages:  # the objective is the FID of this trial's own samples, on the studies' extractor
         if "eval.samples" in stage.data.params:
-            _expect_own_fid(world, trial, stage)
+            _expect_own_fid(world, trial, stage, _study_value(lf, "study.objective"))
     folder = world.root / "checks" / trial.info.run_id
     used = {s.info.run_name: _operative_config(client, s.info.run_id, folder / s.info.run_name) for s in stages}
     for base, parts in suggested.items():
@@ -203,7 +204,7 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
                 (stage, base, bound, expected)
 
 
-def _expect_own_fid(world: tl.World, trial, stage) -> None:
+def _expect_own_fid(world: tl.World, trial, stage, objective: str) -> None:
     from arforge.metrics.adm import FeatureStats, frechet_distance
     from arforge_plugins.digits_classifier import DigitsClassifier
 
@@ -215,7 +216,8 @@ def _expect_own_fid(world: tl.World, trial, stage) -> None:
     with np.load(samples) as s, np.load(params["eval.reference"]) as r:
         fid = frechet_distance(FeatureStats.of(net.features(s["arr_0"]).pool),
                                FeatureStats.of(net.features(r["arr_0"]).pool))
-    assert math.isclose(trial.data.metrics["fid"], fid, rel_tol=1e-6), (trial.data.metrics["fid"], fid)
+    assert objective == "fid" and math.isclose(trial.data.metrics[objective], fid, rel_tol=1e-6), \
+        (objective, trial.data.metrics.get(objective), fid)
 
 
 def _operative_line(param: str) -> re.Pattern:
