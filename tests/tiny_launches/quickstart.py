@@ -66,6 +66,7 @@ def bindings(lf: tl.LaunchFile, world: tl.World) -> list[str]:
 
 
 def expect(lf: tl.LaunchFile, world: tl.World, result) -> None:
+    """Stage files are checked as one stage, pipelines stage by stage, studies trial by trial."""
     if lf.kind == "study":
         _expect_study(lf, world)
         return
@@ -74,7 +75,7 @@ def expect(lf: tl.LaunchFile, world: tl.World, result) -> None:
     if lf.job == "jobs.pipeline":
         _expect_pipeline(lf, world, run, out)
     else:
-        # Alone, a stage's "pipeline:" paths are the experiment's folder, its own included.
+        # Alone, a stage resolves "pipeline:" paths in its experiment's folder, which holds its own.
         _check_stage(world, run, out, vocab=_vocabulary(lf), wiring=_wiring(lf, world, out.parent))
 
 
@@ -105,7 +106,8 @@ def _wiring(lf: tl.LaunchFile, world: tl.World, pipeline_dir: Path) -> dict[str,
         own = re.search(rf"\b{macro}\s*=\s*\"([^\"]+)\"", text)
         value = own.group(1) if own else bound[macro].strip('"')
         scheme, _, rest = value.partition(":")
-        paths[macro] = (world.home / "outputs" / rest) if scheme == "outputs" else pipeline_dir / rest
+        paths[macro] = {"outputs": world.home / "outputs" / rest, "pipeline": pipeline_dir / rest}.get(
+            scheme, Path(value))
     return paths
 
 
