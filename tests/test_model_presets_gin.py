@@ -28,3 +28,16 @@ def test_preset_parameter_count(path):
         model = gin.query_parameter("%MODEL").scoped_configurable_fn()
     millions = model.num_params() / 1e6
     assert millions == pytest.approx(EXPECTED_M[path.stem], rel=2e-3), millions
+
+
+def test_iar2_w1_is_the_model_setting_and_the_recipe_leaves_it_alone():
+    """IAR2's w1 is ``models.iar2_gpt.semantic_loss_weight`` (experiments/iar2/README.md; the
+    loss-weight study searches it). jobs.train_ar trains with the model's loss weights unless its own
+    ``loss_weights`` is bound, so the recipe must leave that unbound: a fixed (1.0, 1.0) there made
+    every w1 (and every trial of the study) train the same loss."""
+    launch.parse(REPO / "experiments" / "iar2" / "4_ar_b.gin", ["models.iar2_gpt.semantic_loss_weight = 2.0"])
+    with pytest.raises(ValueError):
+        gin.query_parameter("jobs.train_ar.loss_weights")
+    with torch.device("meta"):
+        model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    assert model.loss_weights == (2.0, 1.0)
