@@ -70,9 +70,14 @@ def test_sample_refuses_a_tokenizer_or_model_no_loader_filled(tmp_path):
 
     fresh_model, _ = _pair(0)
     mark_loaded(tokenizer, tmp_path / "tokenizer_checkpoint")
-    with pytest.raises(CheckpointError, match=r"^jobs\.sample\.model: the ARModel"):
+    with pytest.raises(CheckpointError, match=r"^jobs\.sample\.model: the ARModel") as err:
         sample_images(local_context(tmp_path), model=fresh_model, tokenizer=tokenizer, samples_per_class=1,
                       num_classes=1, progress=False)
+    assert "jobs.sample.untrained_model = True" in str(err.value)
+    # The untrained baseline row of a results table asks for random weights on purpose.
+    out = sample_images(local_context(tmp_path / "untrained"), model=fresh_model, tokenizer=tokenizer,
+                        samples_per_class=1, num_classes=1, untrained_model=True, progress=False)
+    assert out["num_samples"] == 1
     out = sample_images(local_context(tmp_path), model=model, tokenizer=tokenizer, samples_per_class=1,
                         num_classes=1, progress=False)
     assert out["num_samples"] == 1

@@ -407,8 +407,12 @@ def loaded_from(module: Any) -> str | None:
     return getattr(module, LOADED_FROM, None)
 
 
-def require_loaded(module: Any, *, binding: str, checkpoint_binding: str | None = None) -> str:
-    """``module``'s weight source; a :class:`CheckpointError` naming ``binding`` if it was never loaded."""
+def require_loaded(module: Any, *, binding: str, checkpoint_binding: str | None = None,
+                   on_purpose: str | None = None) -> str:
+    """``module``'s weight source; a :class:`CheckpointError` naming ``binding`` if it was never loaded.
+
+    ``on_purpose`` names the binding that accepts random weights deliberately (an untrained baseline).
+    """
     source = loaded_from(module)
     if source is not None:
         return source
@@ -419,7 +423,8 @@ def require_loaded(module: Any, *, binding: str, checkpoint_binding: str | None 
         "(@<scope>/loaders.arforge_checkpoint() or @<scope>/loaders.official_*(), with .module and "
         f".checkpoint). If a loader already fills a module for this job, {binding} received another "
         "object: gin builds a new object every time a reference such as %TOKENIZER is used, so bind "
-        f"{binding} to the loader call itself, not to the macro.")
+        f"{binding} to the loader call itself, not to the macro."
+        + (f" To sample from random weights on purpose, bind {on_purpose}." if on_purpose else ""))
 
 
 def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: str = "model") -> torch.nn.Module:

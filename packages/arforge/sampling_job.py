@@ -129,7 +129,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                   samples_per_class: int = 50, num_classes: int | None = None, batch_size: int = 32,
                   eval_size: int | Sequence[int] | None = None, seed: int | None = None,
                   output: str | os.PathLike | None = None, grid_classes: int = 10, grid_samples: int = 10,
-                  progress: bool = True) -> dict[str, Any]:
+                  untrained_model: bool = False, progress: bool = True) -> dict[str, Any]:
     """Generate ``samples_per_class`` images of each class and write the ADM sample ``.npz``.
 
     See the module docstring for labels, sharding, seeding and the file format.
@@ -158,6 +158,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         output: the ``.npz`` path (default ``ctx.output_dir / "samples.npz"``; ``outputs:...`` works);
             always rewritten whole.
         grid_classes, grid_samples: the logged grid shows the first classes, one row each.
+        untrained_model: sample from a model no loader filled, on purpose: the "untrained" baseline
+            row of a results table. Logged as the ``sample.untrained_model`` param; the tokenizer
+            must still be loaded.
         progress: a progress bar on rank 0.
 
     Returns:
@@ -195,7 +198,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         loaded["tokenizer"] = load_module_weights(tokenizer, tokenizer_checkpoint, which=tokenizer_weights,
                                                   what="tokenizer")
     # Random weights decode noise that looks like a result: refuse them before any work.
-    require_loaded(model, binding="jobs.sample.model", checkpoint_binding="jobs.sample.model_checkpoint")
+    if not untrained_model:
+        require_loaded(model, binding="jobs.sample.model", checkpoint_binding="jobs.sample.model_checkpoint",
+                       on_purpose="jobs.sample.untrained_model = True")
     require_loaded(tokenizer, binding="jobs.sample.tokenizer",
                    checkpoint_binding="jobs.sample.tokenizer_checkpoint")
     model.to(device).eval()
@@ -222,7 +227,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                   "sample.world_size": world, "sample.eval_size": str(size) if size else "native",
                   "sample.seed": seed, "sample.seeding": "per-sample sha256(seed, index)",
                   "sample.label_scheme": f"exactly {N} per class, seeded permutation",
-                  "sample.output": str(out_path)}
+                  "sample.output": str(out_path), "sample.untrained_model": bool(untrained_model)}
         for what, module in (("model", model), ("tokenizer", tokenizer)):  # restored by loaders.arforge_checkpoint
             if what not in loaded and getattr(module, "checkpoint_path", None):
                 params[f"sample.{what}_checkpoint"] = str(module.checkpoint_path)
