@@ -385,8 +385,10 @@ def expect_tokenizer(lf: tl.LaunchFile, world: tl.World, result, run, codebook_s
     m = run.data.metrics
     recipe = TOKENIZER_LOSS_PRESETS[file_value(lf, "losses.tokenizer_loss.recipe")]
     assert m["train/gan_weight"] == recipe["gen_weight"] > 0, m
-    total = (recipe["pixel_weight"] * m[f"train/pixel_{recipe['pixel_loss']}"] + recipe["lpips_weight"] * m["train/lpips"]
-             + m["train/gan_weight"] * m["train/gen_adv"] + sum(v for k, v in m.items() if k.startswith("train/quant/")))
+    pixel = m[f"train/pixel_{recipe['pixel_loss']}"]
+    total = (recipe["pixel_weight"] * pixel + recipe["lpips_weight"] * m["train/lpips"]
+             + m["train/gan_weight"] * m["train/gen_adv"]
+             + sum(v for k, v in m.items() if k.startswith("train/quant/")))
     assert math.isclose(m["train/loss"], total, rel_tol=1e-4, abs_tol=1e-6), (m["train/loss"], total, m)
     assert m["train/disc_loss"] == m["train/disc_hinge"] > 0, m
     assert m["data/skipped"] == 0

@@ -20,7 +20,8 @@ SEMANTIC, DETAIL = 16, 32
 VOCAB = {"ce_sem": SEMANTIC, "ce_det": DETAIL}  # the AR loss's cross-entropies, in sub-token order
 CODEBOOK_SIZES = (SEMANTIC, DETAIL)
 
-TOKENIZER = ['tokenizers.llamagen_vq.preset = "tiny"', f"quantizers.semantic_detail.semantic_codebook_size = {SEMANTIC}",
+TOKENIZER = ['tokenizers.llamagen_vq.preset = "tiny"',
+             f"quantizers.semantic_detail.semantic_codebook_size = {SEMANTIC}",
              f"quantizers.semantic_detail.detail_codebook_size = {DETAIL}"]
 MODEL = ['models.iar2_gpt.size = "tiny"', f"models.iar2_gpt.semantic_size = {SEMANTIC}",
          f"models.iar2_gpt.detail_size = {DETAIL}", f"models.iar2_gpt.block_size = {im.GRID * im.GRID}",

@@ -5,7 +5,8 @@ The paper sizes map to tiny ones by preset, whatever the file: the VQ-16 tokeniz
 the ``tiny`` GPT over that vocabulary and the 6x6 grid of the tiny image size. Data, evaluator
 weights and the job-kind overrides come from :mod:`tiny_launches._imagenet`; the official release
 files of ``official_sample.gin`` are written here, in the official containers, from modules built
-by the file's own gin presets.
+by the file's own gin presets. A tokenizer file also runs once more on webdataset shards, with the
+``--bind`` lines the README documents for them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-
-import numpy as np
 
 import tiny_launches as tl
 from tiny_launches import _imagenet as im
@@ -106,8 +105,9 @@ def expect(lf: tl.LaunchFile, world: tl.World, result) -> None:
         im.expect_ar(lf, world, result, run, CODEBOOK_SIZES, VOCAB, (1.0,))
     elif lf.job == "jobs.sample":
         im.expect_sample(lf, world, result, run)
-        if official_files(lf, world) is not None:
-            expect_official_sample(lf, world, result)
+        official = official_files(lf, world)
+        if official is not None:
+            im.expect_same_samples(lf, world, result, bindings(lf, world), official)
     elif lf.job == "jobs.evaluate_samples":
         im.expect_evaluate(lf, world, result, run)
     else:
@@ -126,8 +126,3 @@ def expect_shards(lf: tl.LaunchFile, world: tl.World) -> None:
     assert params["gin.jobs.train_tokenizer.dataset"] == "@datasets.image_shards()", params
     assert params["gin.datasets.image_shards.urls"].strip("'\"") == im.image_shards(world).pattern
 
-
-def expect_official_sample(lf: tl.LaunchFile, world: tl.World, result) -> None:
-    """The samples are those of the official files' weights: sampling again with modules that hold the
-    exported weights directly (no key map in between) gives the same images, bit for bit."""
-    im.expect_same_samples(lf, world, result, bindings(lf, world), official_files(lf, world))
