@@ -458,3 +458,44 @@ def restore(module: torch.nn.Module, *, checkpoint: str | os.PathLike, weights: 
             f"shape mismatches {shapes[:8]}. Was it trained with the same gin preset?")
     module.load_state_dict(state, strict=True)
     return mark_loaded(module, loaded.path)
+
+
+# ============================================================ interrupted writes
+_TMP_NAME = re.compile(r"^\.(?:step_\d+\.tmp|latest\.tmp|trash-step_\d+)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: str | os.PathLike) -> list[Path]:
+    """Remove ``.step_*.tmp-<pid>`` (and ``.latest.tmp-<pid>``, ``.trash-step_*-<pid>``) left under
+    ``directory`` by a checkpoint write whose process died (killed mid-write). A folder of a live
+    process (another rank, a concurrent writer) is left alone. Returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.rglob(".*-*")):
+        m = _TMP_NAME.match(path.name)
+        if not m or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
