@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -105,16 +106,41 @@ def _add_extra_commands(sub) -> None:
     add_study_cli(sub)
 
 
+_GIN_CONTEXT = re.compile(r"\n\s*In call to configurable '[^']*' \(.*?\)\s*$")
+
+
+def _one_message(exc: BaseException) -> str:
+    """The error's message without the "In call to configurable ..." lines that gin appends
+    to an exception raised inside a configurable (the message already names the file/option)."""
+    text = str(exc).rstrip()
+    while True:
+        stripped = _GIN_CONTEXT.sub("", text)
+        if stripped == text:
+            return text
+        text = stripped.rstrip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from arforge.errors import ArforgeError
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe (arforge plugins | head) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away: stop quietly, like other Unix tools. stdout is pointed at
+        # /dev/null so that the interpreter's final flush does not complain either.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout replaced (captured in tests)
+            pass
+        return 141  # 128 + SIGPIPE, what a tool killed by the signal reports
     except ArforgeError as exc:
         if os.environ.get("ARFORGE_TRACEBACK"):
             traceback.print_exc()
-        print(f"arforge: error: {exc}", file=sys.stderr)
+        print(f"arforge: error: {_one_message(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("arforge: interrupted", file=sys.stderr)

@@ -56,6 +56,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -685,6 +686,15 @@ def slots_used(trials: Sequence[Any], *, max_retry: int | None, grace_period: fl
     return used
 
 
+def _no_trial_tracebacks(record: logging.LogRecord) -> bool:
+    """Drop Optuna's "Trial N failed ..." warnings (and their tracebacks): the study prints each
+    failed trial in one line itself, and ARFORGE_TRACEBACK=1 keeps them."""
+    if os.environ.get("ARFORGE_TRACEBACK") or not record.name.startswith("optuna"):
+        return True
+    msg = str(record.msg)
+    return not (msg.startswith("Trial ") and " failed" in msg)
+
+
 class _NoSlot(Exception):
     """Raised from ``ask`` when the study's target is already reserved."""
 
@@ -899,6 +909,9 @@ class StudyRunner:
         from arforge import tracking
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Both stores are checked before the study or any run is created.
+        tracking.check_store(self.storage_url, option="study storage (--storage)", what="optuna")
+        tracking.check_store()
         self.validate_launch()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -1057,8 +1070,9 @@ class StudyRunner:
             # Every failure the worker sees is marked, so that slots_used() can
             # tell it from a dead worker's trial awaiting its heartbeat retry.
             trial.set_user_attr("arforge.error", error)
-            if isinstance(exc, ConfigError):
-                # A gin mistake repeats in every trial: stop after recording this one.
+            if isinstance(exc, ConfigError) or self._user_error_first(exc, trial):
+                # A gin mistake repeats in every trial, and so does a user error (a missing
+                # checkpoint, a wrong path) before any trial has succeeded: stop after this one.
                 self._fatal = exc
                 trial.study.stop()
             raise
@@ -1066,6 +1080,21 @@ class StudyRunner:
             if run_id is not None:
                 trial.set_user_attr("arforge.run_id", run_id)
                 self._annotate_run(run_id, trial, binds, state, error, retry_of)
+
+    def _user_error_first(self, exc: BaseException, trial: Any) -> bool:
+        """An :class:`ArforgeError` while no trial of the study has finished yet: the launch
+        itself is broken (a model not trained yet, a wrong path), not this trial's values. A
+        diverging loss (NaN) depends on the values and does not count."""
+        from optuna.trial import TrialState
+
+        if not isinstance(exc, ArforgeError) or type(exc).__name__ in ("NonFiniteLossError",
+                                                                      "NonFiniteCheckpointError"):
+            return False
+        try:
+            done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        except Exception:  # the storage went away: let the usual failure counting decide
+            return False
+        return not done
 
     def _new_run(self, before: str | None) -> str | None:
         run_id = _launch.last_run()[0]
@@ -1213,6 +1242,11 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         st = self.setup()
+        # Each failed trial is reported in one line by _after_trial: Optuna's own warning of it
+        # would add the Python traceback of every failure.
+        quiet_handlers = [*logging.getLogger("optuna").handlers, *logging.getLogger().handlers]
+        for handler in quiet_handlers:
+            handler.addFilter(_no_trial_tracebacks)
         finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
         done = len(st.get_trials(deepcopy=False, states=finished_states))
         self.say(f"{done}/{self.cfg.n_trials} trials finished so far; storage {mask_url(self.storage_url)}, "
@@ -1265,6 +1299,8 @@ class StudyRunner:
             interrupted = True
             raise
         finally:
+            for handler in quiet_handlers:
+                handler.removeFilter(_no_trial_tracebacks)
             if interrupted and self.parent_run_id:
                 with contextlib.suppress(Exception):
                     from mlflow.tracking import MlflowClient

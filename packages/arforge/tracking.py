@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from arforge.errors import ArforgeError
 
+import difflib
 import io
 import json
 import os
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -40,7 +42,22 @@ class TrackingError(ArforgeError):
 
 def home() -> Path:
     """The folder of the embedded stores (``$ARFORGE_HOME`` or ``./arforge_runs``)."""
-    return Path(os.environ.get("ARFORGE_HOME", "arforge_runs")).resolve()
+    path = Path(os.environ.get("ARFORGE_HOME", "arforge_runs")).resolve()
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        where = "ARFORGE_HOME" if os.environ.get("ARFORGE_HOME") else "the default ARFORGE_HOME (./arforge_runs)"
+        raise TrackingError(f"{where} = {path} cannot be a folder: {blocker} is a file. Point ARFORGE_HOME at "
+                            "a folder (it is created if missing), or move that file away.")
+    return path
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first existing ancestor-or-self of ``path`` if it is not a folder (so nothing can be
+    created under it), else None."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -84,36 +101,212 @@ def is_embedded(uri: str | None = None) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
-def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Fail fast, before any work, if an http(s) tracking server does not answer."""
+#: Where each SQL scheme's default SQLAlchemy driver comes from (module, pip package).
+_SQL_DRIVERS = {
+    "postgresql": ("psycopg2", "psycopg2-binary (pip install 'arforge[postgres]')"),
+    "postgres": ("psycopg2", "psycopg2-binary (pip install 'arforge[postgres]')"),
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary (pip install 'arforge[postgres]')"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+    "postgresql+pg8000": ("pg8000", "pg8000"),
+    "mysql": ("MySQLdb", "mysqlclient (or use mysql+pymysql:// with pip install pymysql)"),
+    "mysql+mysqldb": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "pymysql"),
+    "mysql+mysqlconnector": ("mysql.connector", "mysql-connector-python"),
+    "mariadb": ("MySQLdb", "mysqlclient (or use mariadb+pymysql:// with pip install pymysql)"),
+    "mariadb+pymysql": ("pymysql", "pymysql"),
+    "mssql": ("pyodbc", "pyodbc"),
+    "mssql+pyodbc": ("pyodbc", "pyodbc"),
+    "mssql+pymssql": ("pymssql", "pymssql"),
+}
+_HTTP_SCHEMES = ("http", "https")
+_OTHER_MLFLOW_SCHEMES = ("file", "databricks", "databricks-uc", "uc")
+
+
+def _mask(uri: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", uri)
+
+
+def _store_schemes(what: str) -> set[str]:
+    schemes = set(_SQL_DRIVERS) | {"sqlite"}
+    if what == "mlflow":
+        schemes |= set(_HTTP_SCHEMES) | set(_OTHER_MLFLOW_SCHEMES)
+        try:
+            from importlib.metadata import entry_points
+
+            schemes |= {e.name for e in entry_points(group="mlflow.tracking_store")}
+        except Exception:  # a broken plugin must not hide the real problem
+            pass
+    return schemes
+
+
+def check_store(uri: str | None = None, *, option: str = "MLFLOW_TRACKING_URI", what: str = "mlflow",
+                timeout: float = 5.0) -> None:
+    """Check a store URI (MLflow tracking URI or Optuna storage) before any work or file move.
+
+    The one place that turns a store mistake into a one-line :class:`TrackingError` naming
+    ``option`` and what to do: an unknown scheme (``htp://``), a SQLite path under a file, a
+    missing database driver (with its pip package), an unreachable or non-MLflow http server and
+    an unreachable database.
+    """
     uri = uri or tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    shown = _mask(uri)
+    if "://" not in uri and not uri.startswith("sqlite:"):
+        if what == "mlflow":  # a plain path: MLflow's file store
+            blocker = _file_in_the_way(Path(uri).resolve())
+            if blocker is not None:
+                raise TrackingError(f"{option} = {shown}: {blocker} is a file, not a folder. "
+                                    "Point it at a folder or unset it.")
+            return
+        raise TrackingError(f"{option} = {shown} is not a database URL; use sqlite:///path/to/file.db "
+                            "or postgresql://user:password@host/db.")
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme not in _store_schemes(what):
+        kinds = ("http(s)://host:port, sqlite:///path.db, file:///folder, postgresql://..., mysql://..."
+                 if what == "mlflow" else "sqlite:///path.db, postgresql://..., mysql://...")
+        close = difflib.get_close_matches(scheme, sorted(_store_schemes(what)), n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]}://?" if close else ""
+        raise TrackingError(f"{option} = {shown}: unknown scheme {scheme!r}.{hint} Use one of {kinds}"
+                            + (" or unset it for the embedded store." if what == "mlflow" else "."))
+    if scheme == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if path and not path.startswith(":memory:") and not path.startswith("file:"):
+            path = path.split("?", 1)[0]
+            db = Path(path).resolve()
+            if db.is_dir():
+                raise TrackingError(f"{option} = {shown}: {db} is a folder; name the database file in it, "
+                                    f"e.g. sqlite:///{db / 'mlflow.db' if what == 'mlflow' else db / 'optuna.db'}.")
+            blocker = _file_in_the_way(db.parent)
+            if blocker is not None:
+                raise TrackingError(f"{option} = {shown}: cannot create the SQLite database there, "
+                                    f"{blocker} is a file, not a folder. Choose a path in a folder.")
         return
-    probe = uri.rstrip("/") + "/health"
+    if scheme in _HTTP_SCHEMES:
+        _check_http(uri, option=option, timeout=timeout)
+        return
+    if scheme in _SQL_DRIVERS:
+        _check_driver(uri, scheme, option=option)
+        _check_database(uri, option=option, timeout=timeout)
+
+
+#: pip package of each SQLAlchemy driver name.
+_DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary (pip install 'arforge[postgres]'; then write postgresql+psycopg2://)",
+    "psycopg": "'psycopg[binary]' (or, with psycopg2-binary installed, write postgresql+psycopg2://)",
+    "pg8000": "pg8000", "mysqldb": "mysqlclient (or write mysql+pymysql:// after pip install pymysql)",
+    "pymysql": "pymysql", "mysqlconnector": "mysql-connector-python", "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+
+
+def _check_driver(uri: str, scheme: str, *, option: str) -> None:
+    shown = _mask(uri)
     try:
-        with urllib.request.urlopen(probe, timeout=timeout) as resp:
-            if resp.status >= 500:
-                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {resp.status}")
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise TrackingError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from exc
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise TrackingError(
-            f"MLflow tracking server {uri} (from MLFLOW_TRACKING_URI) is unreachable: {exc}. "
-            "Start it, fix the URI, or unset MLFLOW_TRACKING_URI to use the embedded store "
-            f"in {home()}."
-        ) from exc
+        from sqlalchemy.engine import make_url
+
+        dialect = make_url(uri).get_dialect()
+    except ImportError:  # pragma: no cover (MLflow and Optuna need SQLAlchemy)
+        return
+    except Exception as exc:
+        raise TrackingError(f"{option} = {shown}: not a valid database URL ({_first_line(exc)}).") from None
+    driver = getattr(dialect, "driver", "") or ""
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        package = _DRIVER_PACKAGES.get(driver, _SQL_DRIVERS.get(scheme, ("", driver))[1])
+        raise TrackingError(f"{option} = {shown}: the {scheme} database driver {driver or ''} is not installed "
+                            f"({exc}): pip install {package}") from None
+
+
+def _check_http(uri: str, *, option: str, timeout: float) -> None:
+    base = uri.rstrip("/")
+    fix = ("Start it, fix the URI, or unset MLFLOW_TRACKING_URI to use the embedded store in "
+           f"{home()}." if option == "MLFLOW_TRACKING_URI" else "Start it or fix the URI.")
+    for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout) as resp:
+                if resp.status < 400:
+                    return
+                code = resp.status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"MLflow tracking server {_mask(uri)} (from {option}) is unreachable: "
+                                f"{reason}. {fix}") from None
+        if code >= 500:
+            raise TrackingError(f"MLflow tracking server {_mask(uri)} (from {option}) answered HTTP {code}. {fix}")
+        if code in (401, 403):  # an authenticating proxy: MLflow's own credentials decide
+            return
+    raise TrackingError(f"{_mask(uri)} (from {option}) answered HTTP {code}: no MLflow tracking server "
+                        f"there (check the host, port and path). {fix}")
+
+
+def _check_database(uri: str, *, option: str, timeout: float) -> None:
+    try:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+    except ImportError:  # pragma: no cover (MLflow and Optuna need it)
+        return
+    connect_args: dict[str, Any] = {}
+    if uri.startswith(("postgres", "mysql", "mariadb")):
+        connect_args["connect_timeout"] = int(max(1, timeout))
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ImportError as exc:
+        raise TrackingError(f"{option} = {_mask(uri)}: the database driver is missing ({exc}).") from None
+    except Exception as exc:
+        raise TrackingError(f"{option} = {_mask(uri)}: cannot connect to the database: "
+                            f"{_first_line(exc)}. Start it, fix the URL, or check the credentials.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast, before any work, if the tracking store is unusable (see :func:`check_store`)."""
+    check_store(uri, timeout=timeout)
+
+
+@contextmanager
+def store_errors(uri: str | None = None, *, option: str = "MLFLOW_TRACKING_URI") -> Iterator[None]:
+    """Turn an MLflow/SQLAlchemy failure talking to the store into one-line :class:`TrackingError`."""
+    try:
+        yield
+    except ArforgeError:
+        raise
+    except ImportError as exc:
+        raise TrackingError(f"{option} = {_mask(uri or tracking_uri())}: a driver is missing ({exc}).") from None
+    except Exception as exc:
+        mod = type(exc).__module__ or ""
+        if not mod.startswith(("mlflow", "sqlalchemy", "requests", "urllib3", "sqlite3", "psycopg", "pymysql",
+                               "MySQLdb", "alembic")):
+            raise
+        raise TrackingError(f"the tracking store {_mask(uri or tracking_uri())} (from {option}) failed: "
+                            f"{_first_line(exc)}") from exc
 
 
 def configure() -> str:
-    """Point MLflow at the configured store; creates the embedded folder if needed."""
+    """Point MLflow at the configured store; creates the embedded folder if needed.
+
+    The store is checked first (:func:`check_store`), so a launch calls this before it
+    touches any outputs."""
     import mlflow
 
     uri = tracking_uri()
+    option = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "ARFORGE_HOME"
+    check_store(uri, option=option)
     if uri.startswith("sqlite:"):
         home().mkdir(parents=True, exist_ok=True)
         artifact_root().mkdir(parents=True, exist_ok=True)
-    check_reachable(uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+            Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return uri
 
