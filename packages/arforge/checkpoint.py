@@ -53,6 +53,34 @@ class CheckpointError(ArforgeError):
     """A user-facing checkpoint problem: names the file and what to do."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """Weights or optimizer state hold NaN/inf: such a checkpoint is never written (nor resumed from)."""
+
+
+def first_non_finite(tree: Any, prefix: str = "") -> str | None:
+    """The dotted name of the first floating-point tensor in ``tree`` holding NaN/inf, or None.
+
+    ``tree`` is a state dict, or nested dicts/lists of them (optimizer state). Integer tensors
+    (RNG states, step counters) are always finite and skipped.
+    """
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and tree.numel() \
+                and not bool(torch.isfinite(tree).all()):
+            return prefix or "<tensor>"
+        return None
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        bad = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
 # ======================================================================= own
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -126,8 +154,13 @@ def save_checkpoint(
     ``keep_last`` prunes older step directories after the new one is in place.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
+    # A checkpoint is a promise that training can go on from it: NaN/inf weights or optimizer
+    # moments never are one, and a resume from them fails again however the settings change.
+    bad = first_non_finite(dict(weights)) or first_non_finite(dict(state or {}), "state")
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"refusing to write {final}: {bad} holds NaN/inf values")
+    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".step_{step:08d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -152,6 +185,7 @@ def save_checkpoint(
         "aliases": aliases_all,
         "files": files,
         "config": dict(config or {}),
+        "finite": True,
     }
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True, default=str)
@@ -197,6 +231,39 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
             return cand
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def checkpoint_non_finite(path: str | os.PathLike) -> str | None:
+    """Load ``path`` (verifying its files) and name its first NaN/inf tensor, or None if all are finite."""
+    loaded = load_checkpoint(path)
+    return first_non_finite(loaded.weights) or first_non_finite(loaded.state, "state")
+
+
+def last_finite_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under ``directory`` that loads and holds only finite tensors (verified
+    by reading it back, not taken from ``latest``), or None."""
+    directory = Path(directory)
+    newest = latest_checkpoint(directory)
+    candidates = ([newest] if newest is not None else []) + \
+        [p for p in reversed(list_checkpoints(directory)) if p != newest]
+    for path in candidates:
+        try:
+            if checkpoint_non_finite(path) is None:
+                return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def quarantine_checkpoint(path: str | os.PathLike) -> Path:
+    """Move a checkpoint out of the way (``nonfinite-step_...``): kept for inspection, never resumed."""
+    path = Path(path)
+    target = path.with_name(f"nonfinite-{path.name}")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    return target
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True,

@@ -222,7 +222,8 @@ def train_ar(
                      save_every=save_every, keep_last=keep_last, log_every=log_every,
                      config={"job": "train_ar", "codebook_sizes": list(fac.codebook_sizes),
                              "vocab_sizes": list(fac.vocab_sizes), "block_size": inner.block_size,
-                             "num_params": inner.num_params()})
+                             "num_params": inner.num_params()},
+                     lr_options={"jobs.train_ar.lr": lr})
     loop.maybe_resume()
     names = list(getattr(inner, "subtoken_names", [str(k) for k in range(len(fac.vocab_sizes))]))
     weights_k = list(loss_weights) if loss_weights is not None else getattr(inner, "loss_weights", None)
@@ -257,11 +258,13 @@ def train_ar(
             tokens_since += sub.shape[0] * sub.shape[1] * ctx.dist.world_size
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), grad_clip) if grad_clip else None
-        scaler.step(opt)
+        with loop.guard_update():
+            scaler.step(opt)
         scaler.update()
         if ema is not None:
             ema.update(inner)
         loop.step += 1
+        loop.check_weights()
         bar.update(1)
         if loop.step % log_every == 0 or loop.step == steps:
             now = time.time()

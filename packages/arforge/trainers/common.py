@@ -8,10 +8,18 @@
   and step decay, as pure functions of the iteration.
 * :class:`TrainLoop` -- checkpoint/resume with RNG states (exact resume), the
   NaN guard, periodic logging and a progress bar.
+
+The NaN guard checks three places, since a finite loss says nothing about the
+update computed from it: the loss before backward (:meth:`TrainLoop.check_finite`),
+the weights after every optimizer step (:meth:`TrainLoop.check_weights`, one
+max-abs reduction per tensor), and every tensor of a checkpoint before it is
+written (:meth:`TrainLoop.save`). A stopped run names the newest checkpoint
+that is verified finite; resume skips (and moves aside) any that is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -28,8 +36,21 @@ from arforge import checkpoint as ck
 from arforge.errors import ArforgeError
 
 
-class NonFiniteLossError(ArforgeError):
+class DivergenceError(ArforgeError):
+    """Training diverged (NaN/inf loss, weights or optimizer state, or an overflowing update);
+    the run stopped without saving and the last finite checkpoint was kept."""
+
+
+class NonFiniteLossError(DivergenceError):
     """The loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
+
+
+class NonFiniteWeightsError(DivergenceError):
+    """An optimizer step left NaN/inf in the weights or optimizer state; nothing was saved."""
+
+
+class UpdateOverflowError(DivergenceError):
+    """The optimizer update overflowed the weights' dtype (a learning rate far too large)."""
 
 
 # ----------------------------------------------------------------------- EMA
@@ -359,6 +380,8 @@ class TrainLoop:
     keep_last: int = 2
     log_every: int = 10
     config: dict[str, Any] = field(default_factory=dict)
+    #: gin option name -> value of the learning rates, named in the advice when training diverges
+    lr_options: dict[str, float] = field(default_factory=dict)
     step: int = 0
     _t0: float = 0.0
 
@@ -368,10 +391,10 @@ class TrainLoop:
 
     # ------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
-        path = ck.latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        loaded = self._load_finite_checkpoint()
+        if loaded is None:
             return False
-        loaded = ck.load_checkpoint(path)
+        path = loaded.path
         for name, obj in self.weights.items():
             if name not in loaded.weights:
                 raise ck.CheckpointError(f"{path} has no '{name}' weights; it was written by another trainer")
@@ -389,6 +412,33 @@ class TrainLoop:
         self.ctx.log(f"resumed from {path} at step {self.step}")
         return True
 
+    def _load_finite_checkpoint(self) -> ck.Checkpoint | None:
+        """The newest checkpoint whose tensors are all finite, loaded. A non-finite one (written
+        before saves were checked, or by other code) is never resumed from: it is moved aside
+        as ``nonfinite-step_...`` and the next older one is tried."""
+        directory = self.checkpoint_dir
+        newest = ck.latest_checkpoint(directory)
+        if newest is None:
+            return None
+        candidates = [newest] + [p for p in reversed(ck.list_checkpoints(directory)) if p != newest]
+        skipped: list[tuple[Path, str]] = []
+        chosen = None
+        for path in candidates:
+            loaded = ck.load_checkpoint(path)
+            bad = ck.first_non_finite(loaded.weights) or ck.first_non_finite(loaded.state, "state")
+            if bad is None:
+                chosen = loaded
+                break
+            skipped.append((path, bad))
+        if skipped:
+            _barrier(self.ctx)  # every rank has read the checkpoints before rank 0 moves any
+            for path, bad in skipped:
+                if self.ctx.is_main:
+                    moved = ck.quarantine_checkpoint(path)
+                    self.ctx.log(f"not resuming from {path}: {bad} holds NaN/inf; moved it to {moved}")
+            _barrier(self.ctx)
+        return chosen
+
     def save(self) -> Path | None:
         # Every rank gathers the state (FSDP full state dicts are collectives); rank 0 writes.
         weights = {name: (_unwrap(obj).state_dict() if isinstance(obj, nn.Module) else obj.state_dict())
@@ -396,6 +446,14 @@ class TrainLoop:
         state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "extra": {n: o.state_dict() for n, o in self.extra.items()},
                  "rng": rng_state(), "step": self.step}
+        # Checked on every rank (ranks without a full copy find nothing) and agreed on, so all
+        # ranks stop together instead of the others waiting in the next collective.
+        bad = ck.first_non_finite(weights) or ck.first_non_finite(state["optimizers"], "optimizer") \
+            or ck.first_non_finite(state["extra"], "extra")
+        if _any_rank(self.ctx, bad is not None):
+            raise self._diverged(NonFiniteWeightsError,
+                                 f"{bad or 'a tensor on another rank'} holds NaN/inf after step {self.step}",
+                                 f"refused to write checkpoint step_{self.step:08d}; the run stopped")
         if not self.ctx.is_main:
             return None
         if self.loader is not None:
@@ -404,16 +462,79 @@ class TrainLoop:
                                   config=self.config, keep_last=self.keep_last)
 
     # ------------------------------------------------------------ guard
+    def last_finite_checkpoint(self) -> Path | None:
+        """The newest checkpoint verified finite by reading it back (not just ``latest``)."""
+        return ck.last_finite_checkpoint(self.checkpoint_dir)
+
     def check_finite(self, loss: torch.Tensor, parts: Mapping[str, Any] | None = None) -> None:
         if torch.isfinite(loss.detach()).all():
             return
-        last = ck.latest_checkpoint(self.checkpoint_dir)
         detail = ", ".join(f"{k}={float(torch.as_tensor(v).detach()):.4g}" for k, v in (parts or {}).items())
-        self.ctx.tracker.set_tags({"arforge.stopped": f"non-finite loss at step {self.step}"})
-        raise NonFiniteLossError(
-            f"the loss became {float(loss.detach())} at step {self.step + 1} ({detail}); the run stopped without "
-            f"saving. Last good checkpoint: {last or 'none yet'}. Lower the learning rate or use "
-            "bf16/fp32, then resume with the same command.")
+        raise self._diverged(NonFiniteLossError,
+                             f"the loss became {float(loss.detach())} at step {self.step + 1} ({detail})",
+                             "the run stopped without saving")
+
+    def check_weights(self) -> None:
+        """After an optimizer step (``step`` already counting it): every parameter of ``weights``
+        is finite. One max-abs reduction per tensor and one sync per step; the names are looked
+        up only on failure. Buffers and optimizer state are checked when saving."""
+        params = [_local(p) for obj in self.weights.values() for _, p in _named_parameters(obj)]
+        params = [p for p in params if p.numel() and (p.is_floating_point() or p.is_complex())]
+        finite = True
+        if params:
+            try:
+                norms = torch._foreach_norm(params, float("inf"))  # noqa: SLF001  (NaN propagates through max)
+            except (AttributeError, RuntimeError, TypeError):
+                norms = [p.abs().max() for p in params]
+            finite = bool(torch.isfinite(torch.stack([n.float().to(params[0].device) for n in norms])).all())
+        if not _any_rank(self.ctx, not finite):
+            return
+        bad = None
+        for name, obj in self.weights.items():
+            bad = bad or ck.first_non_finite({n: _local(p) for n, p in _named_parameters(obj)}, name)
+        raise self._diverged(NonFiniteWeightsError,
+                             f"the optimizer step left NaN/inf in {bad or 'the weights on another rank'} "
+                             f"at step {self.step}", "the run stopped without saving")
+
+    @contextlib.contextmanager
+    def guard_update(self):
+        """Around the optimizer step(s): an update that overflows the weights' dtype (torch raises
+        RuntimeError when lr / (1 - beta1) leaves float32's range) stops the run with a clear
+        error instead of a raw traceback."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            lrs = ", ".join(f"optimizer '{n}' lr={g['lr']:g}" for n, o in self.optimizers.items()
+                            for g in _param_groups(o)[:1])
+            raise self._diverged(UpdateOverflowError,
+                                 f"the optimizer update at step {self.step + 1} overflowed the weights' dtype "
+                                 f"({lrs}; torch: {str(exc).strip()})",
+                                 "the run stopped without saving", suggest=1e-4) from None
+
+    def _diverged(self, cls: type[DivergenceError], what: str, outcome: str,
+                  suggest: float | None = None) -> DivergenceError:
+        """The error to raise: what happened, the newest checkpoint verified finite, and the
+        command to rerun (a FAILED run resumes from that checkpoint; launch.resume='auto')."""
+        self.ctx.tracker.set_tags({"arforge.stopped": f"{cls.__name__} at step {self.step}"})
+        last = self.last_finite_checkpoint() if self.ctx.is_main else None
+        if last is not None:
+            kept, then = f"Last finite checkpoint (verified): {last}", "resumes from that checkpoint"
+        else:
+            kept, then = "Last finite checkpoint: none yet", "starts over"
+        fp16 = getattr(getattr(self.ctx, "precision", None), "name", "") == "fp16"
+        precision = " or train in bf16/fp32 instead of fp16" if fp16 else ""
+        if self.lr_options:
+            name, value = next(iter(self.lr_options.items()))
+            if suggest is None:
+                suggest = value / 10 if value and math.isfinite(value) else 1e-4
+            config = getattr(self.ctx, "config_file", None)
+            cmd = f"arforge run {config} --bind '{name} = {suggest:g}'" if config else f"--bind '{name} = {suggest:g}'"
+            advice = f"Lower {name} (now {value:g}){precision}, e.g. `{cmd}`: the rerun {then}."
+        else:
+            advice = f"Lower the learning rate{precision} and rerun: the rerun {then}."
+        return cls(f"{what}; {outcome}. {kept}. {advice}")
 
     # ------------------------------------------------------------ progress
     def progress(self):
@@ -425,3 +546,37 @@ class TrainLoop:
 
     def should_save(self) -> bool:
         return bool(self.save_every) and self.step % self.save_every == 0
+
+
+def _named_parameters(obj: Any) -> list[tuple[str, torch.Tensor]]:
+    """Parameters of a module, or of the module behind a state adapter (FSDP's ``.model``)."""
+    module = obj if isinstance(obj, nn.Module) else getattr(obj, "model", None)
+    if not isinstance(module, nn.Module):
+        return []
+    return [(n, p.detach()) for n, p in _unwrap(module).named_parameters()]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _param_groups(opt: Any) -> list[dict[str, Any]]:
+    inner = getattr(opt, "opt", opt)  # FSDP optimizer-state adapter
+    return list(getattr(inner, "param_groups", []))
+
+
+def _any_rank(ctx: Any, flag: bool) -> bool:
+    """``flag`` on any rank (an all-reduce under torchrun), so every rank stops together."""
+    dist = getattr(ctx, "dist", None)
+    if dist is None or not getattr(dist, "enabled", False):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _barrier(ctx: Any) -> None:
+    dist = getattr(ctx, "dist", None)
+    if dist is not None and getattr(dist, "enabled", False):
+        torch.distributed.barrier()

@@ -232,7 +232,9 @@ def train_tokenizer(
                      extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
                      save_every=save_every, keep_last=keep_last, log_every=log_every,
                      config={"job": "train_tokenizer", "codebook_sizes": list(_unwrap(tokenizer).codebook_sizes),
-                             "downsample": _unwrap(tokenizer).downsample})
+                             "downsample": _unwrap(tokenizer).downsample},
+                     lr_options={"jobs.train_tokenizer.lr": lr,
+                                 **({"jobs.train_tokenizer.disc_lr": disc_lr} if disc_lr else {})})
     loop.maybe_resume()
     perceptual = getattr(loss, "perceptual", None)
     bar = loop.progress()
@@ -281,12 +283,14 @@ def train_tokenizer(
                 continue
             scaler.unscale_(opt)
             _clip(groups[k], grad_clip)
-            scaler.step(opt)
+            with loop.guard_update():
+                scaler.step(opt)
         if stage_cycle == "iar2" and first:
             for p, gs_ in zip(groups["e1"], g_sem):
                 if gs_ is not None:
                     p.grad = gs_ if p.grad is None else p.grad + gs_
-            scaler.step(optimizers["e1"])
+            with loop.guard_update():
+                scaler.step(optimizers["e1"])
         if ema is not None:
             ema.update(tokenizer)
 
@@ -299,10 +303,12 @@ def train_tokenizer(
             scaler.scale(d.total).backward()
             scaler.unscale_(optimizers["disc"])
             _clip(list(disc.parameters()), grad_clip)
-            scaler.step(optimizers["disc"])
+            with loop.guard_update():
+                scaler.step(optimizers["disc"])
         scaler.update()
 
         loop.step += 1
+        loop.check_weights()
         images_since += images.shape[0] * ctx.dist.world_size
         bar.update(1)
         if loop.step % log_every == 0 or loop.step == steps:
