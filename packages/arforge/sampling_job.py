@@ -6,32 +6,51 @@ Labels
     Exactly ``samples_per_class`` per class: sample i (0 … C·N − 1) has class
     i // N and is the (i mod N)-th sample of it.
 Ranks
-    Rank r of W decodes the samples r, r + W, r + 2W, … in batches; every step
-    rank 0 gathers the ranks' uint8 images (``gather_object``, so gloo works)
-    and stores them in place. No shared file system is needed.
+    Rank r of W decodes the samples r, r + W, r + 2W, … in batches and writes
+    their pixels itself into the shared work file (below); only a count of
+    images travels to rank 0 per step (for the progress bar). Rank 0 assembles
+    the ``.npz`` after a barrier, so the ranks need one shared file system.
 Seeding (per sample)
     Sample i draws its tokens from its own ``torch.Generator`` seeded with
     ``sample_seed(seed, i)`` (a SHA-256 of the pair). Its content therefore
     depends on (seed, i) only, not on the world size, the rank or the batch it
     was decoded with (up to floating-point differences between batch shapes on
     some kernels). LlamaGen instead seeds each rank with seed·W + rank, which
-    makes the images depend on W.
+    makes the images depend on W. A resumed run decodes the remaining batches
+    exactly as an uninterrupted one would (same world size and batch size: same
+    batches), so it writes the same file byte for byte.
+Work folder (resume, memory)
+    ``<output>.work/`` next to the output holds ``pixels.npy`` (uint8
+    (C·N, H, W, 3), already in the file's permuted order, written with
+    ``pwrite``: nothing of size N is ever held in memory), ``settings.json``
+    (what decides the pixels: seed, C, N, image size, sampler and sampling
+    settings, SHA-256 of the model's and tokenizer's weights, device type,
+    precision) and one ``done-rank<r>.json`` per rank: a bitmap of the samples
+    whose pixels are on disk, replaced atomically after each batch's pixels are
+    synced. A rerun of the same command (after a kill, at any point) skips the
+    done samples; a rerun with other settings is refused
+    (:class:`SampleResumeError`) rather than mixing two configurations. The
+    folder is removed once the ``.npz`` is in place.
 Output
     One seeded permutation of all samples (``np.random.default_rng(seed).permutation``;
-    ``arr_0[j]`` is sample ``perm[j]``), then ``np.savez`` (uncompressed) with
-    ``arr_0`` uint8 NHWC and ``arr_1`` int64 labels, written to a temporary name
-    and renamed into place. Pixels are rounded (``to_uint8``), after the optional
-    bicubic resize to ``eval_size`` (no antialiasing). Rank 0 holds the whole
-    array (the 50k × 256² file is 9.8 GB), filled directly in permuted order so
-    nothing is copied.
+    ``arr_0[j]`` is sample ``perm[j]``), stored as ``np.savez`` (uncompressed)
+    would store it, with ``arr_0`` uint8 NHWC and ``arr_1`` int64 labels: the
+    zip is streamed from ``pixels.npy`` a batch at a time (the bytes equal those
+    of ``np.savez`` on the whole array), to a temporary name, and renamed into
+    place. Pixels are rounded (``to_uint8``), after the optional bicubic resize
+    to ``eval_size`` (no antialiasing). Peak memory is O(batch): the 50k × 256²
+    file (9.8 GB) is never in RAM.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,13 +59,22 @@ import torch
 
 from arforge.checkpoint import (CheckpointError, load_checkpoint, mark_loaded, require_loaded,
                                 strip_wrapper_prefixes)
-from arforge.errors import ConfigError
+from arforge import validation as V
+from arforge.errors import ArforgeError, ConfigError
 from arforge.generation import CFGSampler, NoGuidance, decode_tokens, generate, sampling_settings
 from arforge.interfaces import as_grid
 from arforge.metrics.adm import to_uint8
 from arforge.viz import image_grid
 
-__all__ = ["sample_images", "sample_seed", "sample_labels", "load_module_weights", "write_adm_npz"]
+__all__ = ["sample_images", "sample_seed", "sample_labels", "load_module_weights", "write_adm_npz",
+           "work_folder", "SampleResumeError"]
+
+WORK_FORMAT = "arforge-sample-work-v1"
+PIXELS, SETTINGS = "pixels.npy", "settings.json"
+
+
+class SampleResumeError(ArforgeError):
+    """A sample work folder that this run cannot continue (other settings, or damaged)."""
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -92,16 +120,37 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
 
 def write_adm_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
     """``np.savez`` (uncompressed) of ``arr_0`` uint8 NHWC and ``arr_1`` int64, atomically."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    images = np.ascontiguousarray(images)
+    return _write_adm_zip(path, images.shape, [memoryview(images.reshape(-1))], labels)
+
+
+def _write_adm_zip(path: str | os.PathLike, shape: tuple[int, ...], chunks, labels: np.ndarray) -> Path:
+    """The bytes ``np.savez(arr_0=<uint8 array of shape>, arr_1=labels)`` writes, with arr_0's data
+    taken from ``chunks`` (buffers, C order) as they come: temporary file, fsync, rename."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ConfigError(f"the sample file must end in .npz, got {path}")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(int(v) for v in shape)}
+    expected = int(np.prod(shape))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, arr_0=np.ascontiguousarray(images), arr_1=np.asarray(labels, dtype=np.int64))
+        with open(tmp, "wb") as f:
+            # np.savez's own calls (numpy.lib._npyio_impl._savez): a stored zip64 member per array
+            with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_1_0(member, header)
+                    written = 0
+                    for chunk in chunks:
+                        member.write(chunk)
+                        written += memoryview(chunk).nbytes
+                    if written != expected:
+                        raise RuntimeError(f"arr_0 got {written} bytes of pixels for {expected}")
+                with zf.open("arr_1.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(labels, dtype=np.int64))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,6 +158,131 @@ def write_adm_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarra
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+# ------------------------------------------------------------------ work folder
+def work_folder(output: str | os.PathLike) -> Path:
+    """The folder that holds a sample job's unfinished pixels and ledger: ``<output>.work``."""
+    output = Path(output)
+    return output.with_name(output.name + ".work")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _weights_sha256(module: Any) -> str | None:
+    """SHA-256 over the names, dtypes, shapes and bytes of a module's state (one tensor in RAM at a time)."""
+    state_dict = getattr(module, "state_dict", None)
+    if state_dict is None:
+        return None
+    h = hashlib.sha256()
+    for name, value in sorted(state_dict().items()):
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{name}:{value!r};".encode())
+            continue
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) of a C-order ``.npy`` file, from its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise SampleResumeError(f"{path} is in Fortran order; it was not written by jobs.sample")
+        return f.tell(), tuple(shape), dtype
+
+
+def _encode_done(done: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(done).tobytes()).decode("ascii")
+
+
+def _read_done(work: Path, total: int) -> np.ndarray:
+    """The union of every rank's ledger (of this run or an earlier one, of any world size)."""
+    done = np.zeros(total, dtype=bool)
+    for ledger in sorted(work.glob("done-rank*.json")):
+        try:
+            data = json.loads(ledger.read_text())
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(data["done"]), dtype=np.uint8), count=total)
+            if int(data["num_samples"]) != total:
+                raise ValueError(f"it counts {data['num_samples']} samples, not {total}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SampleResumeError(f"the sample ledger {ledger} is unreadable ({exc}); delete {work} to "
+                                    "start the samples again") from exc
+        done |= bits.astype(bool)
+    return done
+
+
+def _prepare_work(work: Path, settings: dict[str, Any], shape: tuple[int, ...]) -> bool:
+    """Create the work folder, or check that the one there holds these settings. True: resumed."""
+    settings_file = work / SETTINGS
+    if settings_file.is_file():
+        try:
+            recorded = json.loads(settings_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise SampleResumeError(f"{settings_file} is unreadable ({exc}); delete {work} to start again") from exc
+        wanted = json.loads(json.dumps(settings["match"]))  # tuples as lists, as the file holds them
+        have = recorded.get("match", {}) if recorded.get("format") == WORK_FORMAT else {}
+        changed = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {_short(have.get(k))} then, {_short(wanted.get(k))} now" for k in changed)
+            raise SampleResumeError(
+                f"{work} holds unfinished samples made with other settings ({diff}). Resuming would mix two "
+                f"configurations in one file: delete {work} to start these samples afresh, or choose another "
+                "output (jobs.sample.output)")
+        pixels = work / PIXELS
+        try:
+            offset, have_shape, dtype = _npy_layout(pixels)
+            complete = pixels.stat().st_size == offset + int(np.prod(have_shape))
+        except (OSError, ValueError) as exc:
+            raise SampleResumeError(f"{pixels} is unreadable ({exc}); delete {work} to start again") from exc
+        if have_shape != shape or dtype != np.uint8 or not complete:
+            raise SampleResumeError(f"{pixels} holds {dtype} {have_shape}, not uint8 {shape}; delete {work} "
+                                    "to start again")
+        return True
+    if work.exists():  # killed before settings.json, which is written last: nothing of value in it
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    pixels = np.lib.format.open_memmap(work / PIXELS, mode="w+", dtype=np.uint8, shape=shape)  # sparse, no RAM
+    del pixels
+    with open(work / PIXELS, "rb+") as f:
+        os.fsync(f.fileno())
+    _write_json_atomic(settings_file, {"format": WORK_FORMAT, **settings})
+    return False
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _pixel_chunks(path: Path, offset: int, nbytes: int, chunk: int):
+    """The data of ``path`` from ``offset``, ``chunk`` bytes at a time through one reused buffer."""
+    buf = bytearray(min(chunk, nbytes) or 1)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        left = nbytes
+        while left:
+            want, got = min(len(buf), left), 0
+            while got < want:
+                n = f.readinto(view[got:want])
+                if not n:
+                    raise SampleResumeError(f"{path} ended {left - got} bytes early")
+                got += n
+            yield view[:want]
+            left -= want
 
 
 def _size_pair(eval_size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -156,17 +330,27 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         eval_size: resize to this size before rounding (256 for the 384 px models); None keeps it.
         seed: generation and permutation seed (default ``ctx.seed``).
         output: the ``.npz`` path (default ``ctx.output_dir / "samples.npz"``; ``outputs:...`` works);
-            always rewritten whole.
+            rewritten whole. Its work folder ``<output>.work`` (see the module docstring) lets a
+            killed job, rerun with the same settings, continue where it stopped.
         grid_classes, grid_samples: the logged grid shows the first classes, one row each.
         untrained_model: sample from a model no loader filled, on purpose: the "untrained" baseline
             row of a results table. Logged as the ``sample.untrained_model`` param; the tokenizer
             must still be loaded.
-        progress: a progress bar on rank 0.
+        progress: a progress bar on rank 0 (a resumed job starts it at the samples already done).
 
     Returns:
         ``{"path", "num_samples", "num_classes", "samples_per_class", "image_shape",
-        "images_per_s", "tokens_per_s", "seed"}`` (the same on every rank).
+        "images_per_s", "tokens_per_s", "seed", "resumed"}`` (the same on every rank; ``resumed``:
+        samples an earlier, killed run had finished; the speeds count this run's samples only).
     """
+    V.check_args("jobs.sample", locals(), where=ctx,
+                 samples_per_class=V.POSITIVE_INT, num_classes=V.optional(V.POSITIVE_INT), batch_size=V.POSITIVE_INT,
+                 temperature=V.one_or_many(V.POSITIVE_FLOAT), top_k=V.one_or_many(V.NON_NEGATIVE_INT),
+                 top_p=V.one_or_many(V.PROBABILITY), greedy=V.one_or_many(V.BOOL),
+                 model_weights=V.choice("auto", "model", "ema"), tokenizer_weights=V.choice("auto", "model", "ema"),
+                 eval_size=V.optional(V.one_or_many(V.POSITIVE_INT)), seed=V.optional(V.INT),
+                 grid_classes=V.NON_NEGATIVE_INT, grid_samples=V.NON_NEGATIVE_INT,
+                 untrained_model=V.BOOL, progress=V.BOOL)
     if ctx is None:
         from arforge.data.extraction import local_context
 
@@ -178,8 +362,10 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     N = int(samples_per_class)
     if C < 1 or N < 1 or batch_size < 1:
         raise ConfigError(f"num_classes ({C}), samples_per_class ({N}) and batch_size ({batch_size}) must be >= 1")
-    if C > model.null_class:
-        raise ConfigError(f"num_classes {C} exceeds the model's {model.null_class} classes")
+    if C > model.null_class:  # class C would be the null (unconditional) row: never a class to sample
+        raise ConfigError(f"{V.where_prefix(ctx)}jobs.sample.num_classes = {C} exceeds the model's {model.null_class} "
+                          f"classes (labels 0..{model.null_class - 1}; {model.null_class} is the CFG null class). "
+                          f"Set jobs.sample.num_classes <= {model.null_class} or leave it unset")
     size = _size_pair(eval_size)
     sampler = sampler if sampler is not None else NoGuidance()
     settings = sampling_settings(model.num_subtokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -214,8 +400,6 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         raise ConfigError(f"ctx.dist says world_size {world} but torch.distributed is not initialised")
     total = C * N
     labels_all = sample_labels(C, N)
-    mine = np.arange(rank, total, world)  # this rank's sample indices
-    steps = -(-len(range(0, total, world)) // batch_size)  # rank 0 has the most: all ranks step together
     L = model.block_size
     grid = as_grid(L)
 
@@ -238,24 +422,70 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         ctx.log(f"sampling {N} x {C} classes = {total} images on {world} rank(s), batch {batch_size}, "
                 f"{type(sampler).__name__} (guided={sampler.guided}), into {out_path}")
 
-    images: np.ndarray | None = None
-    labels_out: np.ndarray | None = None
-    inverse: np.ndarray | None = None
-    grid_rows: dict[int, dict[int, np.ndarray]] = {}
+    perm = np.random.default_rng(seed).permutation(total)  # arr_0[j] = sample perm[j]
+    inverse = np.empty(total, dtype=np.int64)
+    inverse[perm] = np.arange(total)
+    work = work_folder(out_path)
+
+    # Rank 0 creates the work folder, or checks that the one there was made with these settings;
+    # every rank learns the verdict, so none waits at a barrier for a rank that gave up.
+    failure: BaseException | None = None
     if dist.is_main:
-        perm = np.random.default_rng(seed).permutation(total)  # arr_0[j] = sample perm[j]
-        inverse = np.empty(total, dtype=np.int64)
-        inverse[perm] = np.arange(total)
-        labels_out = labels_all[perm]
+        try:
+            shape = _probe_shape(model, tokenizer, grid, size, device)
+            recorded = _work_settings(model=model, tokenizer=tokenizer, sampler=sampler, settings=settings,
+                                      seed=seed, C=C, N=N, shape=shape, eval_size=size, device=device,
+                                      precision=ctx.precision, untrained_model=untrained_model,
+                                      info={k: str(v) for k, v in params.items()})
+            _prepare_work(work, recorded, (total,) + shape)
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised
+            failure = exc
+    if distributed:
+        box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if failure is None and box[0] is not None:
+            raise SampleResumeError(f"rank 0 could not prepare {work}: {box[0]}")
+    if failure is not None:
+        raise failure
+    if distributed:
+        torch.distributed.barrier()  # the folder exists before any rank opens it
+
+    problem = None
+    try:
+        offset, shape_all, _ = _npy_layout(work / PIXELS)
+        done = _read_done(work, total)
+    except (OSError, ArforgeError) as exc:
+        problem = f"rank {rank}: {exc}"
+    problems = [problem]
+    if distributed:  # also a barrier: every rank has read the ledgers before any rank adds to them
+        problems = [None] * world
+        torch.distributed.all_gather_object(problems, problem)
+    if any(problems):
+        raise SampleResumeError(f"cannot open the work folder {work} ({'; '.join(p for p in problems if p)}); "
+                                "every rank writes its samples there, so all ranks must see it (one shared "
+                                "file system)")
+    image_bytes = int(np.prod(shape_all[1:]))
+    resumed = int(done.sum())
+    # the batches each rank has left: the unfinished part of its own list r, r + W, ...; with the same W
+    # and batch size these are exactly the batches an uninterrupted run decodes (a batch is done whole)
+    left = [part[~done[part]] for part in (np.arange(r, total, world) for r in range(world))]
+    steps = max(-(-len(part) // batch_size) for part in left)  # all ranks step together
+    mine = left[rank]
+    if dist.is_main and resumed:
+        ctx.log(f"resuming from {work}: {resumed} of {total} samples were already done")
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="sample", unit="img", disable=not (dist.is_main and progress))
+    bar = tqdm(total=total, initial=resumed, desc="sample", unit="img", disable=not (dist.is_main and progress))
     ar_seconds = dec_seconds = 0.0
+    decoded = 0
+    ledger = work / f"done-rank{rank}.json"
+    sync = getattr(os, "fdatasync", os.fsync)
     start = time.perf_counter()
+    fd = os.open(work / PIXELS, os.O_RDWR)
     try:
         for step in range(steps):
             idx = mine[step * batch_size:(step + 1) * batch_size]
-            payload = None
             if len(idx):
                 gens = [torch.Generator(device=device).manual_seed(sample_seed(seed, int(i))) for i in idx]
                 lab = torch.from_numpy(labels_all[idx]).to(device)
@@ -266,30 +496,39 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                 pix = to_uint8(decode_tokens(tokenizer, model.factorization, sub, grid, eval_size=size).float())
                 dec_seconds += time.perf_counter() - t1
                 ar_seconds += t1 - t0
-                payload = (idx, pix)  # (b,), (b, H, W, 3) uint8
-            if distributed:
-                gathered: list[Any] | None = [None] * world if dist.is_main else None
-                torch.distributed.gather_object(payload, gathered, dst=0)
-                payloads = [p for p in gathered if p is not None] if gathered is not None else []
+                if pix.shape[1:] != shape_all[1:]:
+                    raise RuntimeError(f"decoded images of shape {pix.shape[1:]}, the work file holds "
+                                       f"{shape_all[1:]}")
+                for i, im in zip(idx, pix):  # (H, W, 3) uint8 each, straight to its permuted place
+                    os.pwrite(fd, memoryview(im.reshape(-1)), offset + int(inverse[i]) * image_bytes)
+                sync(fd)  # the pixels are on disk before the ledger says so
+                done[idx] = True
+                decoded += len(idx)
+                _write_json_atomic(ledger, {"num_samples": total, "count": int(done.sum()),
+                                            "done": _encode_done(done)})
+            if distributed:  # a count, not pixels: rank 0's bar shows every rank's progress
+                counts: list[Any] | None = [None] * world if dist.is_main else None
+                torch.distributed.gather_object(len(idx), counts, dst=0)
+                bar.update(sum(counts) if counts is not None else 0)
             else:
-                payloads = [payload] if payload is not None else []
-            for p_idx, p_pix in payloads:
-                if images is None:
-                    images = np.empty((total,) + p_pix.shape[1:], dtype=np.uint8)
-                images[inverse[p_idx]] = p_pix  # straight into permuted order
-                for i, im in zip(p_idx, p_pix):
-                    c, j = divmod(int(i), N)
-                    if c < grid_classes and j < grid_samples:
-                        grid_rows.setdefault(c, {})[j] = im
-                bar.update(len(p_idx))
+                bar.update(len(idx))
     finally:
+        os.close(fd)
         bar.close()
     wall = time.perf_counter() - start
+    if distributed:
+        torch.distributed.barrier()  # every rank's pixels and ledger are written
 
     result: dict[str, Any] = {}
     if dist.is_main:
-        assert images is not None and labels_out is not None
-        write_adm_npz(out_path, images, labels_out)
+        missing = np.flatnonzero(~_read_done(work, total))
+        if len(missing):
+            raise SampleResumeError(f"{len(missing)} samples (e.g. {missing[:5].tolist()}) are missing from {work} "
+                                    "after every rank finished: do all ranks see the same folder (one shared "
+                                    "file system)? Rerun the same command to fill them in")
+        chunk = batch_size * image_bytes  # the copy holds one batch of pixels at a time
+        _write_adm_zip(out_path, shape_all, _pixel_chunks(work / PIXELS, offset, total * image_bytes, chunk),
+                       labels_all[perm])
         # The sampler's settings travel with the samples, so the run that evaluates them can log
         # them next to its FID (jobs.evaluate_samples reads <samples>.json).
         sidecar = out_path.with_name(out_path.name + ".json")
@@ -297,24 +536,64 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         tmp.write_text(json.dumps({"params": {k: str(v) for k, v in params.items()}}, indent=1, sort_keys=True))
         os.replace(tmp, sidecar)
         cols = min(grid_samples, N)
-        rows = [np.stack([grid_rows[c][j] for j in range(cols)]) for c in sorted(grid_rows)]
-        ctx.tracker.log_image(image_grid(np.concatenate(rows), nrow=cols), "samples/grid.png")
-        metrics = {"sample/images_per_s": total / wall, "sample/tokens_per_s": total * L / wall,
-                   "sample/seconds": wall, "sample/ar_seconds_rank0": ar_seconds,
+        cells = _read_images(work / PIXELS, offset, shape_all[1:],
+                             [inverse[c * N + j] for c in range(min(grid_classes, C)) for j in range(cols)])
+        ctx.tracker.log_image(image_grid(cells, nrow=cols), "samples/grid.png")
+        shutil.rmtree(work, ignore_errors=True)
+        made = total - resumed  # by all ranks in this run
+        metrics = {"sample/images_per_s": made / max(wall, 1e-9), "sample/tokens_per_s": made * L / max(wall, 1e-9),
+                   "sample/seconds": wall, "sample/resumed": resumed, "sample/ar_seconds_rank0": ar_seconds,
                    "sample/decode_seconds_rank0": dec_seconds,
-                   "sample/ar_tokens_per_s_rank0": len(mine) * L / max(ar_seconds, 1e-9)}
+                   "sample/ar_tokens_per_s_rank0": decoded * L / max(ar_seconds, 1e-9)}
         ctx.tracker.log_metrics(metrics)
         result = {"path": str(out_path), "num_samples": total, "num_classes": C, "samples_per_class": N,
-                  "image_shape": tuple(int(v) for v in images.shape[1:]), "images_per_s": total / wall,
-                  "tokens_per_s": total * L / wall, "seed": seed}
-        ctx.log(f"wrote {total} samples {result['image_shape']} to {out_path} "
-                f"({result['images_per_s']:.2f} images/s, {result['tokens_per_s']:.1f} tokens/s)")
+                  "image_shape": tuple(int(v) for v in shape_all[1:]), "images_per_s": metrics["sample/images_per_s"],
+                  "tokens_per_s": metrics["sample/tokens_per_s"], "seed": seed, "resumed": resumed}
+        ctx.log(f"wrote {total} samples {result['image_shape']} to {out_path} ({resumed} resumed; "
+                f"{result['images_per_s']:.2f} images/s, {result['tokens_per_s']:.1f} tokens/s)")
     if distributed:  # every rank returns the same, and none reads the file before it exists
         shared = [result]
         torch.distributed.broadcast_object_list(shared, src=0)
         result = shared[0]
         torch.distributed.barrier()
     return result
+
+
+def _probe_shape(model: Any, tokenizer: Any, grid: tuple[int, int], size: tuple[int, int] | None,
+                 device: torch.device) -> tuple[int, ...]:
+    """(H, W, 3) of a decoded sample, from one all-zero token grid (no random numbers drawn)."""
+    with torch.no_grad():
+        sub = torch.zeros(1, model.block_size, model.num_subtokens, dtype=torch.long, device=device)  # (1, L, K)
+        images = decode_tokens(tokenizer, model.factorization, sub, grid, eval_size=size)  # (1, 3, H, W)
+    return (int(images.shape[2]), int(images.shape[3]), 3)
+
+
+def _work_settings(*, model: Any, tokenizer: Any, sampler: Any, settings: Sequence[Any], seed: int, C: int, N: int,
+                   shape: tuple[int, ...], eval_size: Any, device: torch.device, precision: Any,
+                   untrained_model: bool, info: dict[str, str]) -> dict[str, Any]:
+    """What a resumed run must share with the run that started the work folder (``match``), and what
+    it may change (``info``: batch size and world size only regroup the same per-sample draws)."""
+    sampling = [{"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "greedy": s.greedy}
+                for s in settings]
+    match = {"seed": seed, "num_classes": C, "samples_per_class": N, "num_samples": C * N,
+             "image_shape": list(shape), "eval_size": list(eval_size) if eval_size else None,
+             "sampler": {"type": type(sampler).__qualname__, **{k: str(v) for k, v in sampler.params().items()}},
+             "sampling": sampling, "device": device.type, "precision": getattr(precision, "name", str(precision)),
+             "model": {"type": type(model).__qualname__, "weights_sha256": _weights_sha256(model)},
+             "tokenizer": {"type": type(tokenizer).__qualname__, "weights_sha256": _weights_sha256(tokenizer)},
+             "untrained_model": bool(untrained_model), "seeding": "per-sample sha256(seed, index)"}
+    return {"match": match, "info": {**info, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+
+
+def _read_images(path: Path, offset: int, image_shape: tuple[int, ...], positions: Sequence[int]) -> np.ndarray:
+    """The images at ``positions`` of a (N, H, W, 3) uint8 ``.npy`` file, read one by one."""
+    nbytes = int(np.prod(image_shape))
+    out = np.empty((len(positions),) + tuple(image_shape), dtype=np.uint8)
+    with open(path, "rb") as f:
+        for k, j in enumerate(positions):
+            f.seek(offset + int(j) * nbytes)
+            out[k] = np.frombuffer(f.read(nbytes), dtype=np.uint8).reshape(image_shape)
+    return out
 
 
 def _fmt(values) -> Any:
