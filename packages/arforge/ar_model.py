@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arforge.device import at_least_fp32
+from arforge.errors import ArforgeError
 from arforge.interfaces import Factorization, LossBreakdown
 from arforge.nn.llama import LabelEmbedder, LlamaBackbone, init_llama_weights
 
@@ -68,6 +69,10 @@ __all__ = [
     "subtoken_loss",
     "cluster_cross_entropy",
 ]
+
+
+class TokenRangeError(ArforgeError, ValueError):
+    """A token id or class label outside what the model's embeddings hold."""
 
 
 class ARForwardOutput(NamedTuple):
@@ -247,6 +252,26 @@ class ARModel(nn.Module):
                              f"factorization.split), got {tuple(sub_tokens.shape)}")
         if sub_tokens.shape[1] > self.block_size:
             raise ValueError(f"{sub_tokens.shape[1]} tokens exceed block_size {self.block_size}")
+        # One reduction and one host sync per forward, so that a bad id is a clear error and not an
+        # IndexError (CPU) or a device-side assert (CUDA) inside an embedding lookup.
+        if sub_tokens.numel():
+            lo = sub_tokens.amin(dim=(0, 1))  # (K,)
+            hi = sub_tokens.amax(dim=(0, 1))  # (K,)
+            bounds = torch.tensor(self.vocab_sizes, device=hi.device)
+            if bool(((lo < 0) | (hi >= bounds)).any()):
+                k = int(((lo < 0) | (hi >= bounds)).nonzero()[0])
+                bad = int(hi[k]) if int(hi[k]) >= self.vocab_sizes[k] else int(lo[k])
+                raise TokenRangeError(
+                    f"sub-token {k} ({self.subtoken_names[k]}) holds id {bad}, outside the model's vocabulary "
+                    f"0..{self.vocab_sizes[k] - 1}: the codes were made by another tokenizer/factorization")
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Labels in [0, num_classes]; num_classes is the null class (guided sampling, CFG training)."""
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
+            bad = int(labels.max()) if int(labels.max()) > self.null_class else int(labels.min())
+            raise TokenRangeError(f"class label {bad} is outside 0..{self.null_class - 1} (num_classes = "
+                                  f"{self.null_class}; {self.null_class} is the null class): set the model's "
+                                  "num_classes to the dataset's number of classes")
 
     # ---------------------------------------------------------------- training
     def forward(self, sub_tokens: torch.Tensor, labels: torch.Tensor, *,
@@ -256,6 +281,7 @@ class ARModel(nn.Module):
 
     def _teacher_forced(self, sub_tokens, labels, *, drop_labels: bool, force_drop_ids=None) -> ARForwardOutput:
         self._check_tokens(sub_tokens)
+        self._check_labels(labels)
         cls = self.cls_embedding(labels, train=drop_labels, force_drop_ids=force_drop_ids)  # (B, 1, D)
         tok = self.embedder(sub_tokens[:, :-1])  # (B, L-1, D)
         h = self.backbone(torch.cat([cls, tok], dim=1))  # (B, L, D)
@@ -313,7 +339,8 @@ class ARModel(nn.Module):
         if not 0 <= n < L:
             raise ValueError(f"position {n} is outside 0 … {L - 1}")
         b = state.batch
-        if n == 0:
+        if n == 0:  # labels are checked once per image batch, not at every position
+            self._check_labels(labels)
             x = self.cls_embedding(labels, train=False)  # (Bc, 1, D)
         else:
             if prev is None or prev.shape != (b, self.num_subtokens):

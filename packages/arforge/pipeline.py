@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import gin
 
+from arforge import validation as V
 from arforge.errors import ConfigError
 
 
@@ -38,6 +39,8 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
         bindings: extra gin bindings applied to every stage (e.g. a shorter budget).
         only: run just these stages (file stems), e.g. to redo sampling and evaluation.
     """
+    V.check_args("jobs.pipeline", locals(), where=ctx, stages=V.sequence_of(V.TEXT, non_empty=True),
+                 bindings=V.sequence_of(V.TEXT), only=V.sequence_of(V.TEXT))
     if ctx.config_file is None:
         raise ConfigError("jobs.pipeline must be launched from a gin file (its stages are relative to it)")
     base = Path(ctx.config_file).parent

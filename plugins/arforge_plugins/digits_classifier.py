@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arforge import validation as V
 from arforge.checkpoint import CheckpointError, load_weights, save_weights
 from arforge.evaluation.feature_extractors import (Features, FeatureExtractorError, as_uint8_nchw,
                                                    module_device)
@@ -186,6 +187,11 @@ def train_feature_extractor(ctx, *, dataset, val_dataset, image_size: int = 16, 
     Returns:
         The validation accuracy.
     """
+    V.check_args("jobs.train_feature_extractor", locals(), where=ctx,
+                 image_size=V.POSITIVE_INT, steps=V.POSITIVE_INT, batch_size=V.POSITIVE_INT, lr=V.POSITIVE_FLOAT,
+                 seed=V.INT, output=V.optional(V.PATH), max_shift=V.optional(V.NON_NEGATIVE_INT),
+                 width=V.POSITIVE_INT, feature_dim=V.POSITIVE_INT, num_classes=V.optional(V.POSITIVE_INT),
+                 log_every=V.POSITIVE_INT)
     from arforge.trainers.common import Schedule
 
     if len(dataset) < batch_size:

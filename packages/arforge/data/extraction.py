@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.data.token_codes import CodesManifest, TokenCodeWriter, sha256_file
 from arforge.data.transforms import ExtractionCrops
@@ -185,6 +186,10 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
         factorization: name of the token factorization the codes are meant for.
         overwrite: replace an existing token-code folder.
     """
+    V.check_args("jobs.extract_codes", locals(), where=ctx,
+                 image_size=V.POSITIVE_INT, batch_size=V.POSITIVE_INT, crop_range=V.POSITIVE_FLOAT,
+                 ten_crop=V.BOOL, flips=V.BOOL, num_workers=V.NON_NEGATIVE_INT, output_dir=V.optional(V.PATH),
+                 factorization=V.TEXT, overwrite=V.BOOL, progress=V.BOOL)
     if ctx is None:
         if output_dir is None:
             raise ConfigError("extract_codes without a run context needs output_dir")

@@ -304,6 +304,7 @@ class _Extraction:
         self.manifest = CodesManifest.load(self.manifest_path)
         self._codes: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._id_range: tuple[np.ndarray, np.ndarray] | None = None
         m = self.manifest
         codes, labels = self.codes, self.labels
         expected = (m.num_samples, m.n_aug, m.seq_len, m.id_components)
@@ -329,13 +330,32 @@ class _Extraction:
             self._labels = self._open(LABELS_FILE)
         return self._labels
 
-    def scan_ids(self, chunk: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
-        """Per-component (min, max) read from the array itself, chunk by chunk."""
-        S = self.manifest.id_components
-        lo, hi = np.full(S, np.iinfo(np.int64).max), np.full(S, np.iinfo(np.int64).min)
+    def scan_ids(self, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+        """Per-component (min, max) read from the array itself, about ``chunk`` ids at a time.
+
+        The manifest's ``min_ids``/``max_ids`` are only what the extraction saw; a copied,
+        edited or truncated ``codes.npy`` is caught only by reading it. The memory map is
+        read in row blocks, so memory stays O(chunk) whatever the folder's size; the result
+        is kept for the life of this object.
+        """
+        if self._id_range is None:
+            m = self.manifest
+            S = m.id_components
+            per_row = max(1, m.n_aug * m.seq_len * S)
+            rows = max(1, chunk // per_row)
+            lo, hi = np.full(S, np.iinfo(np.int64).max), np.full(S, np.iinfo(np.int64).min)
+            for start in range(0, m.num_samples, rows):
+                block = np.asarray(self.codes[start:start + rows]).reshape(-1, S)  # (rows * n_aug * L, S)
+                lo, hi = np.minimum(lo, block.min(axis=0)), np.maximum(hi, block.max(axis=0))
+            self._id_range = (lo, hi)
+        return self._id_range
+
+    def label_range(self, chunk: int = 1 << 22) -> tuple[int, int]:
+        """(min, max) of ``labels.npy``, read in chunks."""
+        lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
         for start in range(0, self.manifest.num_samples, chunk):
-            block = np.asarray(self.codes[start:start + chunk]).reshape(-1, S)
-            lo, hi = np.minimum(lo, block.min(axis=0)), np.maximum(hi, block.max(axis=0))
+            block = np.asarray(self.labels[start:start + chunk])
+            lo, hi = min(lo, int(block.min())), max(hi, int(block.max()))
         return lo, hi
 
     def __getstate__(self) -> dict[str, Any]:
@@ -472,41 +492,54 @@ class TokenCodeDataset(Dataset):
             raise DataError(f"the labels of {b.root} differ from {a.root}: the secondary extraction "
                             "is not of the same images in the same order")
 
-    def check_vocab(self, codebook_sizes: Sequence[int], *, scan: bool = False) -> None:
+    def check_vocab(self, codebook_sizes: Sequence[int], *, scan: bool = True) -> None:
         """Raise :class:`VocabularyError` unless every stored id (after the remap) fits ``codebook_sizes``.
 
-        By default the per-component min/max recorded in the manifest (computed
-        from the arrays at extraction) are used; ``scan=True`` reads the arrays.
+        The per-component min/max recorded in the manifest are checked first (no
+        reading); then, unless ``scan=False``, the arrays themselves are scanned
+        (chunked, see :meth:`_Extraction.scan_ids`): the manifest may be wrong.
         """
         sizes = tuple(int(s) for s in codebook_sizes)
         for ext in filter(None, (self.primary, self.secondary)):
             m = ext.manifest
-            where = ext.manifest_path
             if len(sizes) != m.id_components:
-                raise VocabularyError(f"{where}: the codes have {m.id_components} id component(s) "
+                raise VocabularyError(f"{ext.manifest_path}: the codes have {m.id_components} id component(s) "
                                       f"(codebook_sizes {list(m.codebook_sizes)}), but the vocabulary has "
                                       f"{len(sizes)} ({list(sizes)}); use the matching tokenizer/factorization")
-            lo, hi = ext.scan_ids() if scan else (np.asarray(m.min_ids), np.asarray(m.max_ids))
-            for c, size in enumerate(sizes):
-                low, high = int(lo[c]), int(hi[c])
-                if low < 0:
-                    raise VocabularyError(f"{where}: component {c} holds a negative id ({low}); the codes are corrupt")
-                if self.remap is not None and c == self.remap_component:
-                    if high >= len(self.remap):
-                        raise VocabularyError(
-                            f"{where}: component {c} holds ids up to {high}, but the remap has only "
-                            f"{len(self.remap)} entries; it belongs to another codebook")
-                    high = int(self.remap.max())
-                    low = int(self.remap.min())
-                    if low < 0:
-                        raise VocabularyError(f"the remap maps to a negative id ({low})")
-                if high >= size:
+            self._check_range(ext, sizes, np.asarray(m.min_ids), np.asarray(m.max_ids), ext.manifest_path)
+            if scan:
+                lo, hi = ext.scan_ids()
+                self._check_range(ext, sizes, lo, hi, f"{ext.root / CODES_FILE} (read from the array; "
+                                  f"{MANIFEST} records ids {m.min_ids}..{m.max_ids}, so the file changed "
+                                  "after the extraction)")
+
+    def label_range(self) -> tuple[int, int]:
+        """(min, max) class label over the stored rows (a chunked read of ``labels.npy``)."""
+        return self.primary.label_range()
+
+    def _check_range(self, ext: "_Extraction", sizes: tuple[int, ...], lo: np.ndarray, hi: np.ndarray,
+                     where: Any) -> None:
+        m = ext.manifest
+        for c, size in enumerate(sizes):
+            low, high = int(lo[c]), int(hi[c])
+            if low < 0:
+                raise VocabularyError(f"{where}: component {c} holds a negative id ({low}); the codes are corrupt")
+            if self.remap is not None and c == self.remap_component:
+                if high >= len(self.remap):
                     raise VocabularyError(
-                        f"{where}: component {c} holds ids up to {high}"
-                        + (" after the remap" if self.remap is not None and c == self.remap_component else "")
-                        + f", but the vocabulary size is {size} (ids must be < {size}). The codes were "
-                        f"extracted for codebook_sizes {list(m.codebook_sizes)}; use the matching "
-                        "tokenizer/factorization or re-extract")
+                        f"{where}: component {c} holds ids up to {high}, but the remap has only "
+                        f"{len(self.remap)} entries; it belongs to another codebook")
+                high = int(self.remap.max())
+                low = int(self.remap.min())
+                if low < 0:
+                    raise VocabularyError(f"the remap maps to a negative id ({low})")
+            if high >= size:
+                raise VocabularyError(
+                    f"{where}: component {c} holds ids up to {high}"
+                    + (" after the remap" if self.remap is not None and c == self.remap_component else "")
+                    + f", but the vocabulary size is {size} (ids must be < {size}). The codes were "
+                    f"extracted for codebook_sizes {list(m.codebook_sizes)}; use the matching "
+                    "tokenizer/factorization or re-extract")
 
     # ---------------------------------------------------------------- items
     def choice(self, index: int) -> tuple[int, int]:

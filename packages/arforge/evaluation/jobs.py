@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from arforge import validation as V
 from arforge.errors import ConfigError
 from arforge.evaluation.feature_extractors import describe
 from arforge.evaluation.sample_batches import (EXTRACTOR_KEY, EXTRACTOR_SHA_KEY, LABELS_KEY, BatchFileError,
@@ -65,6 +66,9 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
     Returns:
         The metrics: ``fid``, ``sfid``, ``is``, ``precision``, ``recall`` (those the extractor supports).
     """
+    V.check_args("jobs.evaluate_samples", locals(), where=ctx,
+                 samples=V.PATH, reference=V.PATH, fidelity_steps=V.optional(V.sequence_of(V.POSITIVE_INT, non_empty=True)),
+                 sample_seed=V.optional(V.INT), label_scheme=V.optional(V.TEXT))
     from arforge.tracking import resolve_path
 
     samples, reference = resolve_path(samples), resolve_path(reference)  # "outputs:<experiment>/<run>/..."
@@ -126,12 +130,12 @@ def evaluate_reconstructions(ctx, *, tokenizer, dataset, evaluator, checkpoint: 
         weights: which weights of the checkpoint: ``ema``, ``model``, or ``auto`` (EMA if
             present, else model; upstream's rule). The choice is recorded (pitfalls F4).
     """
+    V.check_args("jobs.evaluate_reconstructions", locals(), where=ctx,
+                 checkpoint=V.optional(V.PATH), weights=V.choice("auto", "ema", "model"))
     from arforge import checkpoint as ck
 
     used = "as built"
     if checkpoint is not None:
-        if weights not in ("auto", "ema", "model"):
-            raise ConfigError(f"jobs.evaluate_reconstructions.weights must be auto, ema or model, not {weights!r}")
         loaded = ck.load_checkpoint(checkpoint)
         used = ("ema" if "ema" in loaded.weights else "model") if weights == "auto" else weights
         if used not in loaded.weights:
@@ -203,6 +207,9 @@ def make_reference(ctx, *, dataset, output: str | os.PathLike, num_images: int |
         feature_extractor: e.g. ``@feature_extractors.digits_classifier()``; None writes no statistics.
         seed: the shuffle seed (recorded).
     """
+    V.check_args("jobs.make_reference", locals(), where=ctx,
+                 output=V.PATH, num_images=V.optional(V.at_least(2)), image_size=V.optional(V.POSITIVE_INT),
+                 seed=V.INT, batch_size=V.POSITIVE_INT, num_workers=V.NON_NEGATIVE_INT, progress=V.BOOL)
     from tqdm.auto import tqdm
 
     try:

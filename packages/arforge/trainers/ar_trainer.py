@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from arforge.ar_model import subtoken_loss
+from arforge import validation as V
+from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
 from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, _unwrap, param_groups, set_lr
 
@@ -49,10 +51,29 @@ def check_dataset_fits(model: nn.Module, dataset) -> None:
             f"the codes have {comps} id component(s) per token but the factorization "
             f"{type(fac).__name__} expects {len(fac.codebook_sizes)} (codebook sizes {tuple(fac.codebook_sizes)}): "
             "extract the codes with a matching tokenizer or choose another factorization")
+    _check_dataset_labels(model, dataset)
     block = _unwrap(model).block_size
     if length != block:
         raise ArforgeError(f"the codes hold {length} tokens per image but the model's block_size is {block}: "
                            "set the model's block_size to the tokenizer's grid (h*w)")
+
+
+def _source(dataset) -> str:
+    return f"dataset {getattr(dataset, 'source', None) or type(dataset).__name__}"
+
+
+def _check_dataset_labels(model: nn.Module, dataset) -> None:
+    """Labels outside [0, num_classes) are refused before training: label == num_classes would
+    silently train as the CFG null class, a larger one fails in the embedding lookup."""
+    num_classes = _unwrap(model).null_class
+    if hasattr(dataset, "label_range"):  # token codes: a chunked scan of the labels array
+        low, high = dataset.label_range()
+        V.check_labels(low, high, num_classes, source=_source(dataset), error=DataError)
+    classes = getattr(dataset, "classes", None)
+    if classes and len(classes) > num_classes:
+        raise DataError(f"{_source(dataset)} has {len(classes)} classes but the model has num_classes = "
+                        f"{num_classes} (labels 0..{num_classes - 1}; label {num_classes} is the CFG null class). "
+                        f"Set the model's num_classes = {len(classes)}")
 
 
 def _collate_images(batch):
@@ -67,6 +88,7 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: nn.Module, dataset) -> Non
     if tuple(tokenizer.codebook_sizes) != tuple(fac.codebook_sizes):
         raise ArforgeError(f"the tokenizer's codebook sizes {tuple(tokenizer.codebook_sizes)} differ from the "
                            f"factorization's {tuple(fac.codebook_sizes)} ({type(fac).__name__})")
+    _check_dataset_labels(model, dataset)
     image = torch.as_tensor(dataset[0][0])
     if image.dim() != 3:
         raise ArforgeError(f"with a tokenizer, the AR dataset must yield images (3, H, W), not {tuple(image.shape)}")
@@ -188,16 +210,22 @@ def train_ar(
         save_every / keep_last / log_every: checkpoint and logging periods (optimizer steps).
         log_checkpoint: log the final checkpoint folder as an MLflow artifact.
     """
-    if parallel not in PARALLEL:
-        raise ArforgeError(f"jobs.train_ar.parallel must be one of {PARALLEL}, not {parallel!r}")
-    if grad_accum < 1:
-        raise ArforgeError(f"jobs.train_ar.grad_accum must be >= 1, not {grad_accum}")
+    V.check_args(
+        "jobs.train_ar", locals(), where=ctx,
+        steps=V.POSITIVE_INT, batch_size=V.POSITIVE_INT, lr=V.POSITIVE_FLOAT,
+        weight_decay=V.NON_NEGATIVE_FLOAT, decay_rule=V.choice("ndim", "name_norm"),
+        lr_schedule=V.choice("constant", "cosine", "warmup_hold_linear", "step"),
+        warmup_steps=V.NON_NEGATIVE_INT, end_factor=V.NON_NEGATIVE_FLOAT, grad_clip=V.optional(V.POSITIVE_FLOAT),
+        grad_accum=V.POSITIVE_INT, ema_decay=V.optional(V.DECAY), parallel=V.choice(*PARALLEL),
+        save_every=V.NON_NEGATIVE_INT, keep_last=V.POSITIVE_INT, log_every=V.POSITIVE_INT,
+        num_workers=V.NON_NEGATIVE_INT, log_checkpoint=V.BOOL)
     device = ctx.device
     if tokenizer is None:
         check_dataset_fits(model, dataset)
     else:
         tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         check_tokenizer_fits(model, tokenizer, dataset)
+    num_classes = _unwrap(model).null_class  # labels must be < this; the null row is CFG's alone
     model = model.to(device)
     inner = model
     fac = inner.factorization
@@ -239,6 +267,9 @@ def train_ar(
         sums: dict[str, float] = {}
         for micro in range(grad_accum):
             codes, labels = next(loader)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):  # on the CPU
+                V.check_labels(int(labels.min()), int(labels.max()), num_classes, source=_source(dataset),
+                               error=DataError)
             codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if tokenizer is not None:  # on-the-fly tokenisation, in fp32 (reduced precision can flip ids)
                 with torch.no_grad():

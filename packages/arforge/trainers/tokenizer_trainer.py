@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from arforge import checkpoint as ck
+from arforge import validation as V
 from arforge.errors import ArforgeError
 from arforge.metrics import adm
 from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, _unwrap, set_lr
@@ -178,8 +179,14 @@ def train_tokenizer(
         semantic_codebook / detail_codebook: parameter names of E1 and E2 for that cycle.
         log_checkpoint: log the final checkpoint folder as an MLflow artifact.
     """
-    if stage_cycle not in (None, "iar2"):
-        raise ArforgeError(f"jobs.train_tokenizer.stage_cycle must be None or 'iar2', not {stage_cycle!r}")
+    V.check_args(
+        "jobs.train_tokenizer", locals(), where=ctx,
+        steps=V.POSITIVE_INT, batch_size=V.POSITIVE_INT, lr=V.POSITIVE_FLOAT, disc_lr=V.optional(V.POSITIVE_FLOAT),
+        grad_clip=V.optional(V.POSITIVE_FLOAT), lr_milestones=V.sequence_of(V.POSITIVE_INT),
+        lr_gamma=V.POSITIVE_FLOAT, ema_decay=V.optional(V.DECAY), save_every=V.NON_NEGATIVE_INT,
+        keep_last=V.POSITIVE_INT, log_every=V.POSITIVE_INT, eval_every=V.NON_NEGATIVE_INT,
+        eval_images=V.NON_NEGATIVE_INT, grid_images=V.NON_NEGATIVE_INT, num_workers=V.NON_NEGATIVE_INT,
+        init_from=V.optional(V.PATH), stage_cycle=V.optional(V.choice("iar2")), log_checkpoint=V.BOOL)
     device = ctx.device
     tokenizer = tokenizer.to(device)
     loss = loss.to(device)
