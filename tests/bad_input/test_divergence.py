@@ -212,3 +212,13 @@ def test_rerun_with_lower_lr_resumes_from_last_finite_checkpoint_and_finishes(tm
     assert (run_id, status) == (failed_id, "FINISHED")  # the same MLflow run, continued
     final = _assert_finite(ckpts)
     assert final.step == STEPS
+
+
+def test_save_checkpoint_refuses_nan_weights_and_optimizer_state(tmp_path):
+    ok = {"model": {"w": torch.ones(3)}}
+    with pytest.raises(ck.NonFiniteCheckpointError, match=r"step_00000003: model\.w holds NaN/inf"):
+        ck.save_checkpoint(tmp_path / "c", 3, {"model": {"w": torch.tensor([1.0, float("nan")])}})
+    moments = {"optimizers": {"opt": {"state": {0: {"exp_avg_sq": torch.tensor([float("inf")])}}}}}
+    with pytest.raises(ck.NonFiniteCheckpointError, match=r"state\.optimizers\.opt\.state\.0\.exp_avg_sq"):
+        ck.save_checkpoint(tmp_path / "c", 3, ok, moments)
+    assert not (tmp_path / "c").exists()  # nothing half-written, no 'latest' moved

@@ -349,7 +349,8 @@ def train_tokenizer(
 
 
 def _has_checkpoint(ctx) -> bool:
-    return ck.latest_checkpoint(Path(ctx.output_dir) / "checkpoints") is not None
+    # A non-finite checkpoint is never resumed from (TrainLoop moves it aside): init_from still applies.
+    return ck.last_finite_checkpoint(Path(ctx.output_dir) / "checkpoints") is not None
 
 
 def _eval_and_log(ctx, tokenizer, ema, val_dataset, step, eval_images, grid_images, perceptual,
