@@ -521,6 +521,8 @@ class TrainLoop:
         last = self.last_finite_checkpoint() if self.ctx.is_main else None
         if last is not None:
             kept, then = f"Last finite checkpoint (verified): {last}", "resumes from that checkpoint"
+        elif not self.ctx.is_main:  # only rank 0 reads the checkpoints back
+            kept, then = "Last finite checkpoint: see rank 0's message", "resumes from it"
         else:
             kept, then = "Last finite checkpoint: none yet", "starts over"
         fp16 = getattr(getattr(self.ctx, "precision", None), "name", "") == "fp16"
