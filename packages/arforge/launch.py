@@ -519,8 +519,8 @@ def read_run_state(path: Path, *, resume: str) -> dict[str, Any] | None:
         raise RunStateError(
             f"{path} is corrupt ({str(exc).splitlines()[0][:120]}), so this run cannot tell whether or how to "
             "resume. To start over keeping the old outputs (moved aside), run with "
-            "--bind \"launch.resume = 'never'\"; to resume, restore run.json from a backup "
-            "(its checkpoints are in the same folder).") from None
+            "--bind \"launch.resume = 'never'\"; to resume from its checkpoints instead, replace it with "
+            "{\"run_id\": \"<the MLflow run id>\", \"status\": \"RUNNING\"}.") from None
 
 
 class _RunLock:

@@ -8,7 +8,10 @@ directory::
     ./arforge_runs/optuna.db      # Optuna studies (next to the MLflow store)
 
 ``ARFORGE_HOME`` moves that folder. With ``MLFLOW_TRACKING_URI`` set, runs go to
-that server, which is probed before any work starts.
+that server, which is probed before any work starts. :func:`check_store` is the one
+place that turns a bad tracking URI or study storage (unknown scheme, SQLite path
+under a file, missing driver, unreachable server or database) into a one-line
+:class:`TrackingError`; launches call it before touching any outputs.
 
 Components never import MLflow: trainers and jobs receive a :class:`Tracker`
 and call ``log_metrics``/``log_image``; only this module talks to MLflow.
