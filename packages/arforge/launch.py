@@ -234,7 +234,8 @@ class _IncludeResolver:
         for folder in dict.fromkeys(folders):
             if (folder / name).is_file():
                 return (folder / name).resolve()
-        raise OSError(f"Unable to open file: {name}. Searched config paths: {[str(f) for f in dict.fromkeys(folders)]}.")
+        searched = [str(f) for f in dict.fromkeys(folders)]
+        raise OSError(f"Unable to open file: {name}. Searched config paths: {searched}.")
 
 
 def _binding_location(pattern: str) -> str:

@@ -67,8 +67,8 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
         The metrics: ``fid``, ``sfid``, ``is``, ``precision``, ``recall`` (those the extractor supports).
     """
     V.check_args("jobs.evaluate_samples", locals(), where=ctx,
-                 samples=V.PATH, reference=V.PATH, fidelity_steps=V.optional(V.sequence_of(V.POSITIVE_INT, non_empty=True)),
-                 sample_seed=V.optional(V.INT), label_scheme=V.optional(V.TEXT))
+                 samples=V.PATH, reference=V.PATH,
+                 fidelity_steps=V.optional(V.sequence_of(V.POSITIVE_INT, non_empty=True)), sample_seed=V.optional(V.INT), label_scheme=V.optional(V.TEXT))
     from arforge.tracking import resolve_path
 
     samples, reference = resolve_path(samples), resolve_path(reference)  # "outputs:<experiment>/<run>/..."
