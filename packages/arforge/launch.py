@@ -264,7 +264,7 @@ def check_references(config_file: str | os.PathLike | None = None, bindings: Seq
                 return f"--bind {b!r}"
         return _binding_location(pattern) or str(config_file or "")
 
-    def visit(value: Any, key: str) -> None:
+    def visit(value: Any, key: str, follow: list[tuple[str, str]]) -> None:
         if isinstance(value, gin.config.ConfigurableReference):
             if value.selector == "gin.macro":
                 name = value.scoped_selector.rsplit("/", 1)[0]
@@ -273,23 +273,35 @@ def check_references(config_file: str | os.PathLike | None = None, bindings: Seq
                     raise ConfigError(f"{loc + ': ' if loc else ''}{key} = %{name}, but the macro {name} is never "
                                       f"defined. Define it (`{name} = ...`) in the gin file or an included one, "
                                       f"or with --bind '{name} = ...'")
-            elif value.evaluate and value.selector.startswith("jobs."):
+                follow.append((name, "gin.macro"))
+                return
+            if value.evaluate and value.selector.startswith("jobs."):
                 ref = value.selector.split("/")[-1]
                 loc = where(rf"@{re.escape(ref)}\s*\(\s*\)")
                 raise ConfigError(f"{loc + ': ' if loc else ''}{key} = @{ref}() calls the job while gin builds "
                                   f"the configuration; a job is run by launch with its run context. Write "
                                   f"@{ref} (a reference, no parentheses)")
+            scopes = list(value.scopes)
+            selector = value.configurable.selector
+            follow.extend(("/".join(scopes[:k]), selector) for k in range(len(scopes) + 1))
         elif isinstance(value, (list, tuple)):
             for v in value:
-                visit(v, key)
+                visit(v, key, follow)
         elif isinstance(value, dict):
             for v in value.values():
-                visit(v, key)
+                visit(v, key, follow)
 
-    for (scope, selector), params in list(config.items()):
-        for name, value in params.items():
+    # Only what the launch can reach (launch -> its job -> the job's components -> macros ...):
+    # a fragment's binding of a configurable this launch never calls may use a macro it never defines.
+    todo, seen = [("", "arforge.launch")], set()
+    while todo:
+        scope, selector = todo.pop()
+        if (scope, selector) in seen:
+            continue
+        seen.add((scope, selector))
+        for name, value in config.get((scope, selector), {}).items():
             short = selector.removeprefix("arforge.")
-            visit(value, f"{scope + '/' if scope else ''}{short}.{name}")
+            visit(value, f"{scope + '/' if scope else ''}{short}.{name}", todo)
 
 
 def _guarded(fn: Callable[[], Any], *, config_file: str | None = None, binding: str | None = None) -> None:
