@@ -264,3 +264,16 @@ def test_includes_resolve_against_the_including_files_folder(tmp_path, capsys):
     code, output = _run(["run", str(launch_file)], capsys)
     assert code == 2 and "Traceback" not in output
     assert "jobs.train_tokenizer.steps = -5 is not allowed" in _error_line(output)
+
+
+def test_an_unused_fragments_macro_is_not_an_error(tmp_path, capsys):
+    """gin/ar/llamagen.gin binds jobs.train_ar.model = %MODEL; a tokenizer launch that includes it
+    for its other settings never calls jobs.train_ar, so only its own bad value is reported."""
+    launch_file = tmp_path / "tok.gin"
+    launch_file.write_text(TOKENIZER_JOB + 'include "ar/llamagen.gin"\nlaunch.precision = "fp32"\n'
+                           + f'launch.experiment = "{EXPERIMENT}"\nlaunch.run_name = "unused_macro"\n'
+                           + 'launch.device = "cpu"\njobs.train_tokenizer.steps = 0\n')
+    code, output = _run(["run", str(launch_file)], capsys)
+    assert code == 2 and "Traceback" not in output
+    message = _error_line(output)
+    assert "jobs.train_tokenizer.steps = 0 is not allowed" in message and "MODEL" not in message
