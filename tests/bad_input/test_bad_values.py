@@ -277,3 +277,21 @@ def test_an_unused_fragments_macro_is_not_an_error(tmp_path, capsys):
     assert code == 2 and "Traceback" not in output
     message = _error_line(output)
     assert "jobs.train_tokenizer.steps = 0 is not allowed" in message and "MODEL" not in message
+
+
+def test_the_model_names_a_bad_id_or_label_instead_of_an_index_error():
+    """Data that bypasses the datasets' checks (a custom dataset, a notebook) still gets a clear error."""
+    import torch
+
+    from arforge.ar_model import TokenRangeError
+    from arforge_plugins.ar_presets import llamagen_gpt
+
+    model = llamagen_gpt("tiny", vocab_size=VOCAB, block_size=GRID * GRID, num_classes=NUM_CLASSES).eval()
+    ids = torch.zeros(2, GRID * GRID, 1, dtype=torch.long)
+    labels = torch.tensor([0, NUM_CLASSES])  # the null class is a valid model input (unconditional logits)
+    model(ids, labels)
+    ids[1, 5, 0] = VOCAB
+    with pytest.raises(TokenRangeError, match=f"holds id {VOCAB}, outside the model's vocabulary 0..{VOCAB - 1}"):
+        model(ids, labels)
+    with pytest.raises(TokenRangeError, match=f"class label {NUM_CLASSES + 1} is outside 0..{NUM_CLASSES - 1}"):
+        model(torch.zeros_like(ids), torch.tensor([0, NUM_CLASSES + 1]))
