@@ -26,6 +26,7 @@ and per experiment home, and hands later stages the same home.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import re
@@ -347,3 +348,33 @@ def expect_job(lf: LaunchFile, world: World, result) -> Any:
         assert stages and all(s.info.status == "FINISHED" for s in stages), (lf.rel, [
             (s.info.run_name, s.info.status) for s in stages])
     return run
+
+
+# ----------------------------------------------------------------------------- helpers for modules
+def stage_files(lf: LaunchFile) -> list[LaunchFile]:
+    """The launch files a pipeline runs (the file itself for any other job)."""
+    if lf.job != "jobs.pipeline":
+        return [lf]
+    stages = ast.literal_eval(flat_bindings(lf.path)["jobs.pipeline.stages"])
+    return [describe((lf.path.parent / s).resolve()) for s in stages]
+
+
+def file_value(lf: LaunchFile, key: str, default: Any = None) -> Any:
+    """A binding of the file (includes expanded, macros followed) as a Python value, ``default`` when unbound."""
+    found = flat_bindings(lf.path)
+    raw = found.get(key)
+    while raw is not None and raw.startswith("%"):  # a macro: its value
+        raw = found.get(raw[1:])
+    if raw is None:
+        return default
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw.strip('"')
+
+
+def build(macro_or_param: str):
+    """Call the configurable bound to ``%MACRO`` or ``selector.param`` in the parsed config."""
+    import gin
+
+    return gin.query_parameter(macro_or_param).scoped_configurable_fn()

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 import tiny_launches as tl
+from tiny_launches import build, file_value, stage_files  # noqa: F401  (used here and by llamagen/iar2 as im.*)
 
 CLASSES = 2
 PER_CLASS = 4
@@ -194,14 +195,6 @@ def small_reference(world: tl.World) -> Path:
 
 
 # -------------------------------------------------------------------------------- bindings
-def stage_files(lf: tl.LaunchFile) -> list[tl.LaunchFile]:
-    """The launch files a pipeline runs (itself for any other file)."""
-    if lf.job != "jobs.pipeline":
-        return [lf]
-    stages = ast.literal_eval(tl.flat_bindings(lf.path)["jobs.pipeline.stages"])
-    return [tl.describe(lf.path.parent / s) for s in stages]
-
-
 def job_kinds(lf: tl.LaunchFile) -> set[str]:
     """The jobs a launch runs: its own, or its stages' for a pipeline (the pipeline forwards every
     ``--bind`` to each stage, so it needs the overrides of all of them)."""
@@ -312,28 +305,7 @@ def parse_for_check(lf: tl.LaunchFile, binds: list[str]) -> None:
     launch.parse(lf.path, binds)
 
 
-def build(macro_or_param: str):
-    """Call the configurable bound to ``%MACRO`` or ``selector.param`` in the parsed config."""
-    import gin
-
-    return gin.query_parameter(macro_or_param).scoped_configurable_fn()
-
-
 # ---------------------------------------------------------------------------------- checks
-def file_value(lf: tl.LaunchFile, key: str, default: Any = None) -> Any:
-    """A binding of the file (includes expanded, macros followed) as a Python value, ``default`` when unbound."""
-    found = tl.flat_bindings(lf.path)
-    raw = found.get(key)
-    while raw is not None and raw.startswith("%"):  # a macro: its value
-        raw = found.get(raw[1:])
-    if raw is None:
-        return default
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw.strip('"')
-
-
 def resolve(world: tl.World, path: str) -> Path:
     """``outputs:<experiment>/<run>/...`` in ``world``'s home (a check runs outside the launch's env)."""
     assert path.startswith("outputs:"), path

@@ -25,7 +25,6 @@ own presets with their own seed; the checks prove the images were decoded by *th
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import math
@@ -35,6 +34,8 @@ from typing import Any
 import numpy as np
 
 import tiny_launches as tl
+from tiny_launches import build as _build, file_value as _file_value, stage_files
+from tiny_launches._imagenet import vgg16_features
 
 CLASSES = 2
 PER_CLASS = 2
@@ -81,23 +82,6 @@ def _image_folder(root: Path) -> Path:
 
 def image_folder(world: tl.World) -> Path:
     return world.once("imagenet_train", _image_folder)
-
-
-def _vgg16_features(folder: Path) -> Path:
-    """A random torchvision VGG16 ``features.*`` state dict (LPIPS drops the classifier: 90 % of the file)."""
-    import torch
-    import torchvision
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    folder.mkdir(parents=True)
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, folder / "vgg16.pth")
-    return folder / "vgg16.pth"
-
-
-def vgg16_features(world: tl.World) -> Path:
-    return world.once("vgg16", _vgg16_features)
 
 
 def _feature_extractor(folder: Path) -> Path:
@@ -166,14 +150,6 @@ def official(lf: tl.LaunchFile, world: tl.World) -> dict[str, Any] | None:
 
 
 # -------------------------------------------------------------------------------- bindings
-def stage_files(lf: tl.LaunchFile) -> list[tl.LaunchFile]:
-    """The launch files a pipeline runs (the file itself for any other job)."""
-    if lf.job != "jobs.pipeline":
-        return [lf]
-    stages = ast.literal_eval(tl.flat_bindings(lf.path)["jobs.pipeline.stages"])
-    return [tl.describe((lf.path.parent / s).resolve()) for s in stages]
-
-
 def _job_bindings(world: tl.World) -> dict[str, list[str]]:
     """The tiny overrides of each job kind. ``launch.precision`` stays the files' bf16 (autocast runs
     on the CPU)."""
@@ -226,16 +202,6 @@ def bindings(lf: tl.LaunchFile, world: tl.World) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- checks
-def _file_value(lf: tl.LaunchFile, key: str, default: Any = None) -> Any:
-    raw = tl.flat_bindings(lf.path).get(key)
-    if raw is None:
-        return default
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw.strip('"')
-
-
 @contextlib.contextmanager
 def _configured(lf: tl.LaunchFile, world: tl.World):
     """gin parsed as ``lf``'s tiny launch parses it, to build its components the same way."""
@@ -248,12 +214,6 @@ def _configured(lf: tl.LaunchFile, world: tl.World):
         yield gin
     finally:
         gin.clear_config()
-
-
-def _build(name: str):
-    import gin
-
-    return gin.query_parameter(name).scoped_configurable_fn()
 
 
 def _checkpoint(folder: Path):
