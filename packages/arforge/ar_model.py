@@ -202,6 +202,7 @@ class ARModel(nn.Module):
             raise ValueError(f"head grid {grid}x{grid} does not match the backbone's block_size {backbone.block_size}")
         self.factorization = factorization
         self.vocab_sizes = vocab
+        self._vocab_bounds: dict[torch.device, torch.Tensor] = {}  # the id check's (K,) bounds per device
         self.num_subtokens = len(vocab)
         self.subtoken_names = tuple(getattr(factorization, "subtoken_names", [str(k) for k in range(len(vocab))]))
         self.cls_embedding = LabelEmbedder(num_classes=num_classes, dim=backbone.dim, dropout_p=class_dropout_p)
@@ -246,24 +247,34 @@ class ARModel(nn.Module):
         if hasattr(self.head, "configure_rope"):
             self.head.configure_rope(cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
 
-    def _check_tokens(self, sub_tokens: torch.Tensor) -> None:
+    def _check_tokens(self, sub_tokens: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Ids within each sub-token's vocabulary (and labels within [0, num_classes], the last
+        being the null class), so that a bad id is a clear error and not an IndexError (CPU) or a
+        device-side assert (CUDA) inside an embedding lookup. One fused test and one host sync per
+        forward; the message is worked out only when it fails."""
         if sub_tokens.dim() != 3 or sub_tokens.shape[-1] != self.num_subtokens:
             raise ValueError(f"sub_tokens must be (B, L, {self.num_subtokens}) int64 (after "
                              f"factorization.split), got {tuple(sub_tokens.shape)}")
         if sub_tokens.shape[1] > self.block_size:
             raise ValueError(f"{sub_tokens.shape[1]} tokens exceed block_size {self.block_size}")
-        # One reduction and one host sync per forward, so that a bad id is a clear error and not an
-        # IndexError (CPU) or a device-side assert (CUDA) inside an embedding lookup.
-        if sub_tokens.numel():
-            lo = sub_tokens.amin(dim=(0, 1))  # (K,)
-            hi = sub_tokens.amax(dim=(0, 1))  # (K,)
-            bounds = torch.tensor(self.vocab_sizes, device=hi.device)
-            if bool(((lo < 0) | (hi >= bounds)).any()):
-                k = int(((lo < 0) | (hi >= bounds)).nonzero()[0])
-                bad = int(hi[k]) if int(hi[k]) >= self.vocab_sizes[k] else int(lo[k])
-                raise TokenRangeError(
-                    f"sub-token {k} ({self.subtoken_names[k]}) holds id {bad}, outside the model's vocabulary "
-                    f"0..{self.vocab_sizes[k] - 1}: the codes were made by another tokenizer/factorization")
+        bounds = self._vocab_bounds.get(sub_tokens.device)
+        if bounds is None:  # once per device, not per forward
+            bounds = self._vocab_bounds[sub_tokens.device] = torch.tensor(self.vocab_sizes, device=sub_tokens.device)
+        bad = ((sub_tokens < 0) | (sub_tokens >= bounds)).any()
+        if labels is not None:
+            bad = bad | ((labels < 0) | (labels > self.null_class)).any()
+        if not bool(bad):
+            return
+        out = (sub_tokens < 0) | (sub_tokens >= bounds)  # (B, L, K)
+        if bool(out.any()):
+            k = int(out.flatten(0, 1).any(0).nonzero()[0])
+            ids = sub_tokens[..., k]
+            bad_id = int(ids.max()) if int(ids.max()) >= self.vocab_sizes[k] else int(ids.min())
+            raise TokenRangeError(
+                f"sub-token {k} ({self.subtoken_names[k]}) holds id {bad_id}, outside the model's vocabulary "
+                f"0..{self.vocab_sizes[k] - 1}: the codes were made by another tokenizer/factorization")
+        if labels is not None:
+            self._check_labels(labels)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         """Labels in [0, num_classes]; num_classes is the null class (guided sampling, CFG training)."""
@@ -280,8 +291,7 @@ class ARModel(nn.Module):
         return self._teacher_forced(sub_tokens, labels, drop_labels=self.training, force_drop_ids=force_drop_ids)
 
     def _teacher_forced(self, sub_tokens, labels, *, drop_labels: bool, force_drop_ids=None) -> ARForwardOutput:
-        self._check_tokens(sub_tokens)
-        self._check_labels(labels)
+        self._check_tokens(sub_tokens, labels)
         cls = self.cls_embedding(labels, train=drop_labels, force_drop_ids=force_drop_ids)  # (B, 1, D)
         tok = self.embedder(sub_tokens[:, :-1])  # (B, L-1, D)
         h = self.backbone(torch.cat([cls, tok], dim=1))  # (B, L, D)
