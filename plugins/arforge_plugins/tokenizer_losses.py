@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arforge.checkpoint import load_foreign, unwrap_container
+from arforge.device import at_least_fp32
 from arforge.interfaces import LossBreakdown
 from arforge.keymap import KeyMap
 from arforge.weights import find_weights
@@ -352,7 +353,7 @@ class TokenizerLoss(nn.Module):
         """The generator objective. ``with_pixel_loss=False`` is IAR2 stage 2's semantic-only pass (§3.4)."""
         parts: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
-        diff = reconstruction.float() - images.float()
+        diff = at_least_fp32(reconstruction) - at_least_fp32(images)  # fp64 stays fp64
         pixel = diff.abs().mean() if self.pixel_loss == "l1" else diff.pow(2).mean()
         stats[f"pixel_{self.pixel_loss}"] = pixel.detach()
         if with_pixel_loss and self.pixel_weight > 0:
@@ -363,6 +364,10 @@ class TokenizerLoss(nn.Module):
             parts["lpips"] = self.lpips_weight * p
         a = self.gan_weight(global_step)
         if self.gen_weight > 0 and a > 0:
+            # The raw discriminator, never a DDP wrapper: this pass wants gradients for the
+            # generator only. The discriminator's gradients from it are thrown away (the trainer
+            # zeroes them before the discriminator step), so nothing is to be all-reduced, and a
+            # wrapper called here would all-reduce them needlessly in the generator's backward.
             logits_fake = self._require_discriminator()(reconstruction)
             adv = GENERATOR_LOSSES[self.gen_loss](logits_fake)
             stats["gen_adv"] = adv.detach()
@@ -375,13 +380,20 @@ class TokenizerLoss(nn.Module):
 
     # ---------------------------------------------------------------- D step
     def discriminator_loss(self, *, images: torch.Tensor, reconstruction: torch.Tensor,
-                           global_step: int) -> TokenizerLossBreakdown:
+                           global_step: int, discriminator: nn.Module | None = None) -> TokenizerLossBreakdown:
         """The discriminator objective; inputs are detached here.
 
         Before ``disc_start`` the loss is 0 times the real objective, so the
         discriminator is still stepped (with zero gradient) as upstream does.
+
+        ``discriminator``: what to call instead of ``self.discriminator``, the
+        same module wrapped, e.g. in ``DistributedDataParallel``. The trainer
+        passes its DDP wrapper here: only a call through the wrapper makes
+        ``backward`` average the discriminator's gradients over ranks (calling
+        the raw module steps every rank on its own gradients and the replicas
+        drift apart from the first GAN step).
         """
-        disc = self._require_discriminator()
+        disc = discriminator if discriminator is not None else self._require_discriminator()
         logits_real = disc(images.detach())
         logits_fake = disc(reconstruction.detach())
         w = self.gan_weight(global_step) * self.disc_weight

@@ -48,6 +48,19 @@ def _clip(params: Sequence[nn.Parameter], max_norm: float | None) -> torch.Tenso
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def _all_reduce_grads(params: Sequence[nn.Parameter], ctx) -> None:
+    """Average the gradients of ``params`` over ranks (a missing gradient counts as zero)."""
+    if not ctx.dist.enabled:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= ctx.dist.world_size
+
+
 def _skipped(dataset) -> int:
     return int(getattr(dataset, "skipped", 0) or 0)
 
@@ -278,6 +291,9 @@ def train_tokenizer(
             _, gs = run_generator(images, global_step, semantic_only=True)
             loop.check_finite(gs.total, gs.parts)
             scaler.scale(gs.total).backward()
+            # This pass calls the unwrapped tokenizer (its semantic-only path is not the wrapper's
+            # forward), so DDP does not average these gradients: all-reduce them here, before clipping.
+            _all_reduce_grads(groups["e1"], ctx)
             _clip(groups["e1"], grad_clip)
             g_sem = [p.grad.detach().clone() if p.grad is not None else None for p in groups["e1"]]
         for k in groups:
@@ -305,7 +321,10 @@ def train_tokenizer(
         if disc is not None:
             optimizers["disc"].zero_grad(set_to_none=True)
             with ctx.precision.autocast(device):
-                d = loss.discriminator_loss(images=images, reconstruction=rec.detach(), global_step=global_step)
+                # Through disc_model (the DDP wrapper under DDP): only a call through the wrapper
+                # averages the discriminator's gradients over ranks in backward.
+                d = loss.discriminator_loss(images=images, reconstruction=rec.detach(), global_step=global_step,
+                                            discriminator=disc_model)
             loop.check_finite(d.total, d.parts)
             scaler.scale(d.total).backward()
             scaler.unscale_(optimizers["disc"])
