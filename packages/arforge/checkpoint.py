@@ -103,6 +103,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write a small JSON file so that a crash leaves the old or the new file, never half of one:
+    a temporary file, fsync, rename, fsync of the folder (``run.json``, sampling ledgers)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def _contiguous_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():

@@ -498,22 +498,10 @@ def _tag_key(binding: str) -> str:
 
 
 def write_run_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``run.json`` atomically: a temp file, fsync, rename, fsync of the folder (a crash
-    leaves the old or the new file, never half of one)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write ``run.json`` atomically (:func:`arforge.checkpoint.write_json_atomic`)."""
+    from arforge.checkpoint import write_json_atomic
+
+    write_json_atomic(path, state)
 
 
 def read_run_state(path: Path, *, resume: str) -> dict[str, Any] | None:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from arforge.checkpoint import (CheckpointError, load_checkpoint, mark_loaded, require_loaded,
-                                strip_wrapper_prefixes)
+                                strip_wrapper_prefixes, write_json_atomic)
 from arforge import validation as V
 from arforge.errors import ArforgeError, ConfigError
 from arforge.generation import CFGSampler, NoGuidance, decode_tokens, generate, sampling_settings
@@ -167,15 +167,6 @@ def work_folder(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".work")
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _weights_sha256(module: Any) -> str | None:
     """SHA-256 over the names, dtypes, shapes and bytes of a module's state (one tensor in RAM at a time)."""
     state_dict = getattr(module, "state_dict", None)
@@ -258,7 +249,7 @@ def _prepare_work(work: Path, settings: dict[str, Any], shape: tuple[int, ...]) 
     del pixels
     with open(work / PIXELS, "rb+") as f:
         os.fsync(f.fileno())
-    _write_json_atomic(settings_file, {"format": WORK_FORMAT, **settings})
+    write_json_atomic(settings_file, {"format": WORK_FORMAT, **settings})
     return False
 
 
@@ -504,7 +495,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                 sync(fd)  # the pixels are on disk before the ledger says so
                 done[idx] = True
                 decoded += len(idx)
-                _write_json_atomic(ledger, {"num_samples": total, "count": int(done.sum()),
+                write_json_atomic(ledger, {"num_samples": total, "count": int(done.sum()),
                                             "done": _encode_done(done)})
             if distributed:  # a count, not pixels: rank 0's bar shows every rank's progress
                 counts: list[Any] | None = [None] * world if dist.is_main else None
