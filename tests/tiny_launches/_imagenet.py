@@ -195,6 +195,23 @@ def small_reference(world: tl.World) -> Path:
 
 
 # -------------------------------------------------------------------------------- bindings
+def official_files(lf: tl.LaunchFile, world: tl.World, name: str,
+                   make: Callable[[tl.LaunchFile, Path], dict]) -> dict | None:
+    """The family's official-layout files (``make(stage, folder)``), written once per world, for a
+    launch (or pipeline) with a stage that reads ``AR_OFFICIAL``; None for any other."""
+    for stage in stage_files(lf):
+        if "AR_OFFICIAL" in tl.flat_bindings(stage.path):
+            return world.once(name, lambda out: make(stage, out))
+    return None
+
+
+def official_bindings(official: dict | None) -> list[str]:
+    """``AR_OFFICIAL``/``VQ_OFFICIAL`` pointing at :func:`official_files`' files (none without them)."""
+    if official is None:
+        return []
+    return [f'AR_OFFICIAL = "{official["ar"]}"', f'VQ_OFFICIAL = "{official["vq"]}"']
+
+
 def job_kinds(lf: tl.LaunchFile) -> set[str]:
     """The jobs a launch runs: its own, or its stages' for a pipeline (the pipeline forwards every
     ``--bind`` to each stage, so it needs the overrides of all of them)."""

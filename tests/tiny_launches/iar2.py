@@ -55,20 +55,12 @@ def _official_files(lf: tl.LaunchFile, out: Path) -> dict:
 
 
 def official_files(lf: tl.LaunchFile, world: tl.World) -> dict | None:
-    """The official files, for a launch (or pipeline) with a stage that reads them."""
-    for stage in im.stage_files(lf):
-        if "AR_OFFICIAL" in tl.flat_bindings(stage.path):
-            return world.once("official_iar2", lambda out: _official_files(stage, out))
-    return None
+    return im.official_files(lf, world, "official_iar2", _official_files)
 
 
 # --------------------------------------------------------------------------------- bindings
 def bindings(lf: tl.LaunchFile, world: tl.World) -> list[str]:
-    extra = []
-    official = official_files(lf, world)
-    if official is not None:
-        extra = [f'AR_OFFICIAL = "{official["ar"]}"', f'VQ_OFFICIAL = "{official["vq"]}"']
-    return im.bindings(lf, world, FAMILY, extra)
+    return im.bindings(lf, world, FAMILY, im.official_bindings(official_files(lf, world)))
 
 
 # --------------------------------------------------------------------------------- expect
