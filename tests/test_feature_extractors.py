@@ -77,12 +77,76 @@ def test_random_inception_builds_offline_with_adm_feature_shapes(inception_file,
     expected = captured["out"][:, :7].permute(0, 2, 3, 1).reshape(2, -1).numpy()
     assert captured["out"].shape == (2, 192, 17, 17)
     np.testing.assert_array_equal(f.spatial, expected)
-    # a tensor input gives the same features; the description flags sFID as unverified
+    # a tensor input gives the same features; the description names the layer and its TF tensor, and
+    # sfid_verified stays false (no numerical comparison with TF has been run)
     again = net.features(torch.from_numpy(images))
     np.testing.assert_array_equal(again.pool, f.pool)
     info = describe(net)
-    assert info["sfid_verified"] == "false" and "unverified" in info["sfid_features"]
+    assert info["sfid_verified"] == "false" and "not yet compared numerically" in info["sfid_features"]
+    assert "Mixed_6d.branch1x1" in info["sfid_features"] and "mixed_6/conv:0" in info["sfid_features"]
     assert info["weights_sha256"] == net.weights_sha256
+
+
+# TF 2015 graph block -> torch-fidelity module -> output (C, H, W) at 299x299 (docs/evaluation.md, "sFID: which
+# layer"); the name map is torch-fidelity's utils/util_convert_inception_weights.py
+TF_BLOCKS = [("mixed", "Mixed_5b", (256, 35, 35)), ("mixed_1", "Mixed_5c", (288, 35, 35)),
+             ("mixed_2", "Mixed_5d", (288, 35, 35)), ("mixed_3", "Mixed_6a", (768, 17, 17)),
+             ("mixed_4", "Mixed_6b", (768, 17, 17)), ("mixed_5", "Mixed_6c", (768, 17, 17)),
+             ("mixed_6", "Mixed_6d", (768, 17, 17)), ("mixed_7", "Mixed_6e", (768, 17, 17)),
+             ("mixed_8", "Mixed_7a", (1280, 8, 8)), ("mixed_9", "Mixed_7b", (2048, 8, 8)),
+             ("mixed_10", "Mixed_7c", (2048, 8, 8))]
+
+
+def test_sfid_layer_is_tf_mixed_6_conv_in_the_documented_block_table():
+    """The table in docs/evaluation.md, checked on torch-fidelity's network (random weights, one 299x299 image)."""
+    net = _random_fidelity_inception().eval()
+    assert InceptionV3Features.SFID_MODULE == "Mixed_6d.branch1x1"
+    assert InceptionV3Features.SFID_TF_TENSOR == "mixed_6/conv:0" and InceptionV3Features.SFID_CHANNELS == 7
+    shapes = {}
+    for _, module, _ in TF_BLOCKS + [(None, "Mixed_6d.branch1x1", None)]:
+        net.get_submodule(module).register_forward_hook(
+            lambda m, i, o, name=module: shapes.__setitem__(name, tuple(o.shape[1:])))
+    with torch.no_grad():
+        net(torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8))
+    assert {module: shapes[module] for _, module, _ in TF_BLOCKS} == {module: s for _, module, s in TF_BLOCKS}
+    # the 17x17 blocks that have a 1x1 `conv` branch are mixed_4..mixed_7 (InceptionC); the 7x7 tower width
+    # (tower/conv's output channels in TF) is 128, 160, 160, 192: mixed_6 is the second 160 block, after mixed_5
+    assert [type(net.get_submodule(m)).__name__ for _, m, _ in TF_BLOCKS[3:9]] == \
+        ["InceptionB", "InceptionC", "InceptionC", "InceptionC", "InceptionC", "InceptionD"]
+    assert [net.get_submodule(m).branch7x7_1.conv.out_channels for m in ("Mixed_6b", "Mixed_6c", "Mixed_6d",
+                                                                          "Mixed_6e")] == [128, 160, 160, 192]
+    # mixed_6/conv: a 1x1 conv 768 -> 192 without bias, BatchNorm with TF's epsilon, then ReLU
+    branch = net.Mixed_6d.branch1x1
+    assert tuple(branch.conv.weight.shape) == (192, 768, 1, 1) and branch.conv.bias is None
+    assert branch.bn.eps == pytest.approx(1e-3) and shapes["Mixed_6d.branch1x1"] == (192, 17, 17)
+    x = torch.randn(2, 768, 17, 17)
+    with torch.no_grad():
+        expected = torch.relu(branch.bn(branch.conv(x)))
+        np.testing.assert_array_equal(branch(x.clone()).numpy(), expected.numpy())
+
+
+def test_sfid_features_are_the_hooked_module_first_7_channels_nhwc(inception_file):
+    net = InceptionV3Features(weights_path=inception_file, verify_hash=False)
+    module = net.net.get_submodule(InceptionV3Features.SFID_MODULE)
+    assert module is net.net.Mixed_6d.branch1x1
+    # the extractor's hook sits on that module and on no other
+    hooked = [name for name, m in net.net.named_modules()
+              if any(getattr(h, "__self__", None) is net for h in m._forward_hooks.values())]
+    assert hooked == ["Mixed_6d.branch1x1"]
+    captured = {}
+    module.register_forward_hook(lambda m, i, o: captured.update(out=o.clone()))
+    images = np.random.default_rng(2).integers(0, 256, size=(3, 24, 20, 3), dtype=np.uint8)
+    f = net.features(images)
+    out = captured["out"]
+    assert out.shape == (3, 192, 17, 17) and f.spatial.shape == (3, 2023) and f.spatial.dtype == np.float32
+    assert (out >= 0).all()  # after the ReLU
+    # feature index (h * 17 + w) * 7 + c holds channel c < 7 at (h, w): TF's NHWC spatial[..., :7].reshape([N, -1])
+    nhwc = out.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(f.spatial.reshape(3, 17, 17, 7), nhwc[..., :7])
+    np.testing.assert_array_equal(f.spatial, nhwc[..., :7].reshape(3, -1))
+    # ... not channels 7..13, and not the NCHW flattening of the same 7 channels
+    assert not np.array_equal(f.spatial, nhwc[..., 7:14].reshape(3, -1))
+    assert not np.array_equal(f.spatial, out[:, :7].reshape(3, -1).numpy())
 
 
 def test_wrong_inception_file_is_refused_by_name(tmp_path):

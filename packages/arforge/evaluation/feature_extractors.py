@@ -102,13 +102,20 @@ class InceptionV3Features(nn.Module):
     - ``pool``: torch-fidelity feature ``'2048'`` (pool_3);
     - ``logits``: feature ``'logits_unbiased'``: pool_3 @ fc.weight.T over 1008
       classes, **no bias** (§2.5);
-    - ``spatial`` (sFID, §2.2): torch-fidelity has no ``mixed_6/conv`` feature.
-      arforge takes the ReLU output of ``Mixed_6d.branch1x1`` (192 x 17 x 17;
-      TF's ``mixed_6`` is the fourth 17x17 block, and its ``conv`` the 1x1
-      branch), keeps the first 7 channels and flattens NHWC to 2023-d. The
-      spec marks this mapping **unverified**: :attr:`sfid_verified` is False
-      and is recorded with every sFID; validate it against the TF graph before
-      reporting sFID from this port.
+    - ``spatial`` (sFID, §2.2): the ADM evaluator reads the TF tensor
+      ``mixed_6/conv:0`` and keeps ``[..., :7]``. torch-fidelity exposes no such
+      feature, so arforge hooks :attr:`SFID_MODULE` = ``Mixed_6d.branch1x1``
+      (its BasicConv2d output: conv -> BN -> ReLU, 192 x 17 x 17), keeps the
+      first :attr:`SFID_CHANNELS` = 7 channels and flattens NHWC to 2023-d.
+      The layer is established from torch-fidelity's own TF -> PyTorch weight
+      map, which loads TF ``mixed_6/conv/{conv2d_params,batchnorm}`` into
+      ``Mixed_6d.branch1x1.{conv,bn}`` (TF ``mixed``..``mixed_10`` =
+      ``Mixed_5b``..``Mixed_7c`` in order), and from the TF graph's op listing,
+      in which the op named ``mixed_6/conv`` follows ``mixed_6/conv/batchnorm``
+      (the ReLU); evidence and citations in ``docs/evaluation.md``, "sFID:
+      which layer". :attr:`sfid_verified` stays False: it records a
+      *numerical* comparison with the TF graph's ``mixed_6/conv:0`` on real
+      images and the official weights, which has not been run.
 
     Weights: ``weights-inception-2015-12-05-6726825d.pth`` from ``weights_path``
     or ``$TORCH_HOME/hub/checkpoints``; no Python package ships it and arforge
@@ -117,7 +124,10 @@ class InceptionV3Features(nn.Module):
     prefix is checked.
     """
 
-    sfid_verified = False
+    SFID_MODULE = "Mixed_6d.branch1x1"  # = TF mixed_6/conv:0 (docs/evaluation.md, "sFID: which layer")
+    SFID_TF_TENSOR = "mixed_6/conv:0"
+    SFID_CHANNELS = 7  # the ADM evaluator's spatial[..., :7]
+    sfid_verified = False  # no numerical comparison with the TF graph's mixed_6/conv:0 yet
 
     def __init__(self, *, weights_path: str | os.PathLike | None = None, verify_hash: bool = True,
                  spatial: bool = True, internal_dtype: str = "float32") -> None:
@@ -159,12 +169,15 @@ class InceptionV3Features(nn.Module):
         self.with_spatial = spatial
         self._spatial: torch.Tensor | None = None
         if spatial:
-            self.spatial_description = ("Mixed_6d.branch1x1 ReLU, first 7 channels, NHWC flatten "
-                                        "(17*17*7 = 2023; mapping to TF mixed_6/conv unverified)")
-            self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+            self.spatial_description = (
+                f"{self.SFID_MODULE} ReLU output (= TF {self.SFID_TF_TENSOR} per torch-fidelity's TF weight map), "
+                f"first {self.SFID_CHANNELS} channels, NHWC flatten (17*17*7 = 2023); "
+                "not yet compared numerically with TF")
+            self.net.get_submodule(self.SFID_MODULE).register_forward_hook(self._keep_spatial)
 
     def _keep_spatial(self, module, inputs, output) -> None:
-        self._spatial = output[:, :7].permute(0, 2, 3, 1).reshape(output.shape[0], -1).float()  # (N, 17*17*7)
+        # NCHW -> NHWC before flattening, as TF's spatial[..., :7].reshape([N, -1]) does: (N, 17*17*7)
+        self._spatial = output[:, :self.SFID_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1).float()
 
     def train(self, mode: bool = True) -> "InceptionV3Features":
         return super().train(False)  # frozen: BatchNorm always uses the TF statistics
