@@ -11,6 +11,14 @@ identity on names (``tokenizer_checkpoints.py``). The quantizer is not part of
 this file: :func:`llamagen_vq_tokenizer` composes these backbones with any
 ``arforge.interfaces.Quantizer`` (the l2-normalised VQ for LlamaGen/IAR, the
 semantic-detail quantizer for IAR2) through :class:`~arforge_plugins.vq_tokenizer.VQTokenizer`.
+
+Every block takes a keyword ``exact_ops`` (default False): use the reference
+code's op order: x*sigmoid(x) for SiLU and bmm+softmax attention with the scale
+applied after the product, as in LlamaGen ``tokenizer/tokenizer_image/vq_model.py``
+lines 335-346 (attention) and 354-356 (``nonlinearity``) at commit ce98ec4 (IAR2's
+``vq_model_second_stage.py`` lines 411-432 at 46a2437 are the same); slower; for
+parity checks at 1e-6; the fast ops (F.silu, SDPA) stay the default. It is a
+plain attribute of each block; ``VQTokenizer.set_exact_ops`` flips all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arforge_plugins.vq_tokenizer import VQTokenizer
+from arforge_plugins.vq_tokenizer import VQTokenizer, swish
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
@@ -29,15 +37,37 @@ def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact: bool) -> torch.Tensor:
+    """Single-head softmax(q k^T / sqrt(C)) v over the h*w positions of (B, C, h, w) maps.
+
+    ``exact``: the reference's explicit bmm + softmax (LlamaGen
+    ``tokenizer/tokenizer_image/vq_model.py:335-346`` at ce98ec4), else SDPA.
+    """
+    b, c, h, w = q.shape
+    if exact:
+        # Same layouts, same products, scale after q k rather than folded in:
+        # each of these changes the rounding of the result.
+        w_ = torch.bmm(q.reshape(b, c, h * w).permute(0, 2, 1), k.reshape(b, c, h * w))  # (B, hw_q, hw_k)
+        w_ = F.softmax(w_ * (int(c) ** (-0.5)), dim=2)
+        return torch.bmm(v.reshape(b, c, h * w), w_.permute(0, 2, 1)).reshape(b, c, h, w)
+    # (B, C, h, w) -> (B, 1, h*w, C): one head, positions as the sequence; SDPA's
+    # default scale is C^-1/2
+    q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(-1, -2).reshape(b, c, h, w)  # (B, 1, h*w, C) -> (B, C, h, w)
+
+
 class ResnetBlock(nn.Module):
     """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a shortcut (§1.2).
 
     The shortcut is a 1x1 conv ``nin_shortcut`` only when the channel count changes.
+    ``exact_ops``: swish as x*sigmoid(x) (module docstring).
     """
 
     def __init__(self, *, in_channels: int, out_channels: int, num_groups: int = 32,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.norm1 = _group_norm(in_channels, num_groups)
@@ -49,18 +79,22 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(swish(self.norm1(x), self.exact_ops))
+        h = self.conv2(self.dropout(swish(self.norm2(h), self.exact_ops)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions, residual (§1.2)."""
+    """Single-head self-attention over the h*w positions, residual (§1.2).
 
-    def __init__(self, *, channels: int, num_groups: int = 32) -> None:
+    ``exact_ops``: bmm + softmax in the reference's order (:func:`attention`).
+    """
+
+    def __init__(self, *, channels: int, num_groups: int = 32, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
         self.norm = _group_norm(channels, num_groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
@@ -68,13 +102,8 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
         y = self.norm(x)
-        # (B, C, h, w) -> (B, 1, h*w, C): one head, positions as the sequence
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(y), self.k(y), self.v(y)))
-        # softmax(q k^T * C^-1/2) v, the default scale of scaled_dot_product_attention
-        o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(-1, -2).reshape(b, c, h, w)  # (B, 1, h*w, C) -> (B, C, h, w)
+        o = attention(self.q(y), self.k(y), self.v(y), exact=self.exact_ops)
         return x + self.proj_out(o)
 
 
@@ -110,11 +139,14 @@ class Encoder(nn.Module):
     Level i has ``num_res_blocks`` ResnetBlocks (the first maps ch*in_mult[i] ->
     ch*ch_mult[i]); only the last level interleaves an AttnBlock after each
     ResnetBlock; every level but the last ends with a :class:`Downsample`.
+    ``exact_ops`` reaches every block and the output swish (module docstring).
     """
 
     def __init__(self, *, in_channels: int = 3, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 z_channels: int, num_groups: int = 32, dropout: float = 0.0) -> None:
+                 z_channels: int, num_groups: int = 32, dropout: float = 0.0, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
+        ex = dict(exact_ops=exact_ops)
         self.num_resolutions = len(ch_mult)
         self.downsample_factor = 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
@@ -129,17 +161,17 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[level]
             for _ in range(num_res_blocks):
                 block.res.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
-                                             num_groups=num_groups, dropout=dropout))
+                                             num_groups=num_groups, dropout=dropout, **ex))
                 block_in = block_out
                 if level == self.num_resolutions - 1:
-                    block.attn.append(AttnBlock(channels=block_in, num_groups=num_groups))
+                    block.attn.append(AttnBlock(channels=block_in, num_groups=num_groups, **ex))
             if level != self.num_resolutions - 1:
                 block.downsample = Downsample(channels=block_in)
             self.conv_blocks.append(block)
         self.mid = nn.ModuleList([
-            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout),
-            AttnBlock(channels=block_in, num_groups=num_groups),
-            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout),
+            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout, **ex),
+            AttnBlock(channels=block_in, num_groups=num_groups, **ex),
+            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout, **ex),
         ])
         self.norm_out = _group_norm(block_in, num_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
@@ -155,7 +187,7 @@ class Encoder(nn.Module):
                 h = block.downsample(h)
         for layer in self.mid:
             h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), self.exact_ops))
 
 
 class Decoder(nn.Module):
@@ -165,18 +197,21 @@ class Decoder(nn.Module):
     highest; ``conv_blocks.0`` interleaves an AttnBlock after each ResnetBlock;
     every level but the last ends with an :class:`Upsample`. No output
     activation: callers clamp to [-1, 1] before converting to pixels.
+    ``exact_ops`` reaches every block and the output swish (module docstring).
     """
 
     def __init__(self, *, out_channels: int = 3, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 z_channels: int, num_groups: int = 32, dropout: float = 0.0) -> None:
+                 z_channels: int, num_groups: int = 32, dropout: float = 0.0, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
+        ex = dict(exact_ops=exact_ops)
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.ModuleList([
-            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout),
-            AttnBlock(channels=block_in, num_groups=num_groups),
-            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout),
+            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout, **ex),
+            AttnBlock(channels=block_in, num_groups=num_groups, **ex),
+            ResnetBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, dropout=dropout, **ex),
         ])
         self.conv_blocks = nn.ModuleList()
         for level in range(self.num_resolutions):
@@ -186,10 +221,10 @@ class Decoder(nn.Module):
             block_out = ch * ch_mult[self.num_resolutions - level - 1]
             for _ in range(num_res_blocks):
                 block.res.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
-                                             num_groups=num_groups, dropout=dropout))
+                                             num_groups=num_groups, dropout=dropout, **ex))
                 block_in = block_out
                 if level == 0:
-                    block.attn.append(AttnBlock(channels=block_in, num_groups=num_groups))
+                    block.attn.append(AttnBlock(channels=block_in, num_groups=num_groups, **ex))
             if level != self.num_resolutions - 1:
                 block.upsample = Upsample(channels=block_in)
             self.conv_blocks.append(block)
@@ -207,7 +242,7 @@ class Decoder(nn.Module):
                     h = block.attn[i](h)
             if level != self.num_resolutions - 1:
                 h = block.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), self.exact_ops))
 
 
 # ------------------------------------------------------------------- presets
@@ -246,26 +281,37 @@ def llamagen_vq_config(preset: str | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def llamagen_vq_encoder(*, preset: str | dict[str, Any] = "vq16") -> Encoder:
-    """The LlamaGen VQ encoder of a preset (tokenizers.md §1.3)."""
+def llamagen_vq_encoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: bool = False) -> Encoder:
+    """The LlamaGen VQ encoder of a preset (tokenizers.md §1.3); ``exact_ops`` as in the tokenizer."""
     cfg = llamagen_vq_config(preset)
     return Encoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["encoder_res_blocks"],
-                   z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"])
+                   z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"],
+                   exact_ops=exact_ops)
 
 
-def llamagen_vq_decoder(*, preset: str | dict[str, Any] = "vq16") -> Decoder:
-    """The LlamaGen VQ decoder of a preset (tokenizers.md §1.4)."""
+def llamagen_vq_decoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: bool = False) -> Decoder:
+    """The LlamaGen VQ decoder of a preset (tokenizers.md §1.4); ``exact_ops`` as in the tokenizer."""
     cfg = llamagen_vq_config(preset)
     return Decoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["decoder_res_blocks"],
-                   z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"])
+                   z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"],
+                   exact_ops=exact_ops)
 
 
-def llamagen_vq_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "vq16") -> VQTokenizer:
+def llamagen_vq_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "vq16",
+                          exact_ops: bool = False) -> VQTokenizer:
     """LlamaGen VQ-16/VQ-8 (or IAR2, which is VQ-16 with its own quantizer), tokenizers.md §1 / §3.1.
 
     ``quantizer`` is any ``arforge.interfaces.Quantizer`` whose ``dim`` equals the
     preset's ``codebook_dim``; it becomes the ``quantize`` submodule, so official
     ``quantize.*`` keys land on it unchanged.
+
+    ``exact_ops``: use the reference code's op order: x*sigmoid(x) for SiLU and
+    bmm+softmax attention with the scale applied after the product, as in LlamaGen
+    ``tokenizer/tokenizer_image/vq_model.py:335-346`` and ``:354-356`` at commit
+    ce98ec4 (IAR2 ``vq_model_second_stage.py:411-432`` at 46a2437); slower; for
+    parity checks at 1e-6; the fast ops (F.silu, SDPA) stay the default. In gin:
+    ``tokenizers.llamagen_vq.exact_ops = True``; after construction:
+    ``tokenizer.set_exact_ops(True)``.
     """
     cfg = llamagen_vq_config(preset)
     dim = getattr(quantizer, "dim", None)
@@ -274,10 +320,10 @@ def llamagen_vq_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] 
                          f"{preset if isinstance(preset, str) else '(custom)'} has codebook_dim "
                          f"{cfg['codebook_dim']}; build the quantizer with dim={cfg['codebook_dim']}")
     return VQTokenizer(
-        encoder=llamagen_vq_encoder(preset=cfg),
+        encoder=llamagen_vq_encoder(preset=cfg, exact_ops=exact_ops),
         quant_conv=nn.Conv2d(cfg["z_channels"], cfg["codebook_dim"], kernel_size=1),
         quantize=quantizer,
         post_quant_conv=nn.Conv2d(cfg["codebook_dim"], cfg["z_channels"], kernel_size=1),
-        decoder=llamagen_vq_decoder(preset=cfg),
+        decoder=llamagen_vq_decoder(preset=cfg, exact_ops=exact_ops),
         downsample=2 ** (len(cfg["ch_mult"]) - 1),
     )

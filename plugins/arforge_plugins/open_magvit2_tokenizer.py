@@ -10,6 +10,13 @@ Attribute names follow the official layout (``encoder.down.{i}.block.{j}``,
 ``decoder.adaptive.{i}.gamma``, ``decoder.up.{i}.upsample.conv1`` ...). The
 Upsampler does depth-to-space in DCR order directly (no ``pixel_shuffle``), so
 official upsampler weights load without a channel permutation.
+
+Every block takes a keyword ``exact_ops`` (default False): use the reference
+code's op order: x*sigmoid(x) for SiLU, as in Open-MAGVIT2
+``src/Open_MAGVIT2/modules/diffusionmodules/improved_model.py:6-8`` (``swish``) at
+commit 3c58097 (there is no attention); slower; for parity checks at 1e-6; the
+fast op (F.silu) stays the default. It is a plain attribute of each block;
+``VQTokenizer.set_exact_ops`` flips all of them.
 """
 
 from __future__ import annotations
@@ -17,10 +24,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from arforge_plugins.vq_tokenizer import VQTokenizer
+from arforge_plugins.vq_tokenizer import VQTokenizer, swish
 
 
 def _group_norm(channels: int, num_groups: int, *, affine: bool = True) -> nn.GroupNorm:
@@ -31,11 +37,13 @@ class ResBlock(nn.Module):
     """GN -> swish -> conv3x3 (no bias) -> GN -> swish -> conv3x3 (no bias), plus a shortcut (§2.2).
 
     The shortcut is a bias-free 1x1 conv ``nin_shortcut`` when the channel count
-    changes. No dropout, no attention.
+    changes. No dropout, no attention. ``exact_ops``: swish as x*sigmoid(x) (module docstring).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, num_groups: int = 32) -> None:
+    def __init__(self, *, in_channels: int, out_channels: int, num_groups: int = 32,
+                 exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.norm1 = _group_norm(in_channels, num_groups)
@@ -46,8 +54,8 @@ class ResBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, padding=0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(swish(self.norm1(x), self.exact_ops))
+        h = self.conv2(swish(self.norm2(h), self.exact_ops))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return h + x
@@ -114,12 +122,14 @@ class Encoder(nn.Module):
 
     ``conv_in`` has no bias; each level has ``num_res_blocks`` ResBlocks then,
     except the last level, ``downsample``: a 3x3 stride-2 conv with symmetric
-    padding 1 and a bias (not LlamaGen's asymmetric pad).
+    padding 1 and a bias (not LlamaGen's asymmetric pad). ``exact_ops`` reaches every
+    block and the output swish (module docstring).
     """
 
     def __init__(self, *, in_channels: int = 3, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 z_channels: int, num_groups: int = 32) -> None:
+                 z_channels: int, num_groups: int = 32, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
         self.num_blocks = len(ch_mult)
         self.downsample_factor = 2 ** (self.num_blocks - 1)
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1, bias=False)
@@ -132,13 +142,14 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[level]
             block_out = ch * ch_mult[level]
             for _ in range(num_res_blocks):
-                down.block.append(ResBlock(in_channels=block_in, out_channels=block_out, num_groups=num_groups))
+                down.block.append(ResBlock(in_channels=block_in, out_channels=block_out, num_groups=num_groups,
+                                           exact_ops=exact_ops))
                 block_in = block_out
             if level < self.num_blocks - 1:
                 down.downsample = nn.Conv2d(block_out, block_out, kernel_size=3, stride=2, padding=1)
             self.down.append(down)
         self.mid_block = nn.ModuleList(
-            ResBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups)
+            ResBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, exact_ops=exact_ops)
             for _ in range(num_res_blocks))
         self.norm_out = _group_norm(block_in, num_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=1)
@@ -152,7 +163,7 @@ class Encoder(nn.Module):
                 h = down.downsample(h)
         for block in self.mid_block:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), self.exact_ops))
 
 
 class Decoder(nn.Module):
@@ -160,16 +171,18 @@ class Decoder(nn.Module):
 
     For level i = n-1 ... 0: ``adaptive.i`` (AGN conditioned on q), the
     ``up.i.block`` ResBlocks, and for i > 0 the Upsampler ``up.i.upsample``.
+    ``exact_ops`` reaches every block and the output swish (module docstring).
     """
 
     def __init__(self, *, out_channels: int = 3, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 z_channels: int, num_groups: int = 32) -> None:
+                 z_channels: int, num_groups: int = 32, exact_ops: bool = False) -> None:
         super().__init__()
+        self.exact_ops = bool(exact_ops)
         self.num_blocks = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1, bias=True)
         self.mid_block = nn.ModuleList(
-            ResBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups)
+            ResBlock(in_channels=block_in, out_channels=block_in, num_groups=num_groups, exact_ops=exact_ops)
             for _ in range(num_res_blocks))
         adaptive: list[nn.Module] = [nn.Identity()] * self.num_blocks
         up: list[nn.Module] = [nn.Identity()] * self.num_blocks
@@ -179,7 +192,8 @@ class Decoder(nn.Module):
             stage.block = nn.ModuleList()
             block_out = ch * ch_mult[level]
             for _ in range(num_res_blocks):
-                stage.block.append(ResBlock(in_channels=block_in, out_channels=block_out, num_groups=num_groups))
+                stage.block.append(ResBlock(in_channels=block_in, out_channels=block_out, num_groups=num_groups,
+                                            exact_ops=exact_ops))
                 block_in = block_out
             if level > 0:
                 stage.upsample = Upsampler(channels=block_in)
@@ -201,7 +215,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if level > 0:
                 h = self.up[level].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(h), self.exact_ops))
 
 
 # ------------------------------------------------------------------- presets
@@ -234,26 +248,35 @@ def open_magvit2_config(preset: str | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def open_magvit2_encoder(*, preset: str | dict[str, Any] = "256") -> Encoder:
-    """The Open-MAGVIT2 encoder of a preset (tokenizers.md §2.3)."""
-    return Encoder(**open_magvit2_config(preset))
+def open_magvit2_encoder(*, preset: str | dict[str, Any] = "256", exact_ops: bool = False) -> Encoder:
+    """The Open-MAGVIT2 encoder of a preset (tokenizers.md §2.3); ``exact_ops`` as in the tokenizer."""
+    return Encoder(**open_magvit2_config(preset), exact_ops=exact_ops)
 
 
-def open_magvit2_decoder(*, preset: str | dict[str, Any] = "256") -> Decoder:
-    """The Open-MAGVIT2 decoder of a preset (tokenizers.md §2.4)."""
-    return Decoder(**open_magvit2_config(preset))
+def open_magvit2_decoder(*, preset: str | dict[str, Any] = "256", exact_ops: bool = False) -> Decoder:
+    """The Open-MAGVIT2 decoder of a preset (tokenizers.md §2.4); ``exact_ops`` as in the tokenizer."""
+    return Decoder(**open_magvit2_config(preset), exact_ops=exact_ops)
 
 
-def open_magvit2_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "256") -> VQTokenizer:
+def open_magvit2_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "256",
+                           exact_ops: bool = False) -> VQTokenizer:
     """Open-MAGVIT2's tokenizer (tokenizers.md §2) around an LFQ-style quantizer.
 
     There are no projections: the quantizer sees the encoder output directly and
     the decoder receives the quantised map q, which also conditions its AGNs.
+
+    ``exact_ops``: use the reference code's op order: x*sigmoid(x) for SiLU (this
+    backbone has no attention), as in Open-MAGVIT2
+    ``src/Open_MAGVIT2/modules/diffusionmodules/improved_model.py:6-8`` at commit
+    3c58097; slower; for parity checks at 1e-6; the fast op (F.silu) stays the
+    default. In gin: ``tokenizers.open_magvit2.exact_ops = True``; after
+    construction: ``tokenizer.set_exact_ops(True)``.
     """
     cfg = open_magvit2_config(preset)
     dim = getattr(quantizer, "dim", None)
     if dim != cfg["z_channels"]:
         raise ValueError(f"the quantizer quantises {dim}-channel features but the Open-MAGVIT2 preset "
                          f"has z_channels {cfg['z_channels']}; build it with dim={cfg['z_channels']}")
-    return VQTokenizer(encoder=Encoder(**cfg), quantize=quantizer, decoder=Decoder(**cfg),
+    return VQTokenizer(encoder=Encoder(**cfg, exact_ops=exact_ops), quantize=quantizer,
+                       decoder=Decoder(**cfg, exact_ops=exact_ops),
                        downsample=2 ** (len(cfg["ch_mult"]) - 1), decoder_takes_quant=True)

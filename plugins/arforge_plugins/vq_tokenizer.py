@@ -9,14 +9,31 @@ quantised map q).
 Submodule names are those of the official checkpoints (``encoder``,
 ``decoder``, ``quant_conv``, ``post_quant_conv``, ``quantize``) so that the
 official key maps in ``tokenizer_checkpoints.py`` are near-identities.
+
+The ``exact_ops`` switch that both backbones share lives here too: :func:`swish`
+and :meth:`VQTokenizer.set_exact_ops`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from arforge.interfaces import QuantizerOutput, TokenizerOutput
+
+
+def swish(x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """SiLU; with ``exact`` as ``x * torch.sigmoid(x)``, the reference code's op order.
+
+    References: LlamaGen ``tokenizer/tokenizer_image/vq_model.py:354-356`` (commit
+    ce98ec4), IAR2 ``tokenizer/tokenizer_image/vq_model_second_stage.py:430-432``
+    (46a2437), Open-MAGVIT2 ``src/Open_MAGVIT2/modules/diffusionmodules/improved_model.py:6-8``
+    (3c58097).
+    """
+    # F.silu is one fused kernel and rounds differently from sigmoid-then-multiply;
+    # the last-bit differences compound through the blocks to 1e-6..1e-5 in a reconstruction.
+    return x * torch.sigmoid(x) if exact else F.silu(x)
 
 
 class VQTokenizer(nn.Module):
@@ -48,6 +65,35 @@ class VQTokenizer(nn.Module):
         self.decoder = decoder
         self.downsample = int(downsample)
         self.decoder_takes_quant = decoder_takes_quant
+
+    # ------------------------------------------------------------ exact ops
+    def _exact_ops_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules()
+                if m is not self and isinstance(getattr(m, "exact_ops", None), bool)]
+
+    @property
+    def exact_ops(self) -> bool:
+        """True when every backbone block uses the reference op order (see :meth:`set_exact_ops`)."""
+        mods = self._exact_ops_modules()
+        return bool(mods) and all(m.exact_ops for m in mods)
+
+    @exact_ops.setter
+    def exact_ops(self, flag: bool) -> None:
+        self.set_exact_ops(flag)
+
+    def set_exact_ops(self, flag: bool) -> "VQTokenizer":
+        """Switch every encoder/decoder block between the reference op order and the fast ops.
+
+        Exact ops use the reference code's op order: x*sigmoid(x) for SiLU and
+        bmm+softmax attention with the scale applied after the product (see
+        :func:`swish` and ``llamagen_vq.attention`` for the upstream lines);
+        slower; for parity checks at 1e-6. The fast ops (F.silu, SDPA) are the
+        default. Weights are untouched, so this works after a loader has filled a
+        module built from a gin preset. Returns ``self``.
+        """
+        for m in self._exact_ops_modules():
+            m.exact_ops = bool(flag)
+        return self
 
     # ---------------------------------------------------------------- shapes
     @property
