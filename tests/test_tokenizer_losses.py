@@ -197,7 +197,7 @@ def test_lpips_backbone_map_is_strict(vgg_file, vgg_lpips):
     del sd["features.21.bias"]
     sd["features.15.weight"] = torch.zeros(1)  # index 15 is a MaxPool: it has no weights
     _, report = keymap.convert(sd, target)
-    assert report.missing == ["slice4.21.bias"]
+    assert report.missing == ["features.21.bias (arforge slice4.21.bias)"]  # named as in the torchvision file
     assert report.unexpected == ["features.15.weight (-> slice3.15.weight)"]
     with pytest.raises(KeyMapError, match="slice4.21.bias"):
         keymap.load_into(vgg_lpips.model.net, sd)

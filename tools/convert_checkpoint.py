@@ -44,16 +44,18 @@ def convert(fmt: str, source: str | Path, output: str | Path, *, gin_file: str |
         raise ConfigError(f"{gin_file} defines no %{macro} (use a preset from gin/models or gin/tokenizers)") from exc
     loader = launch.reg.get("loaders", f"official_{fmt}")
     kwargs = {"module": module, "checkpoint": source}
-    tokenizer = None
-    if fmt == "open_magvit2_ar":
-        try:
-            tokenizer = gin.query_parameter("%TOKENIZER").scoped_configurable_fn()
-            kwargs["tokenizer"] = tokenizer
-        except ValueError:
-            tokenizer = None
     if weights is not None:
         kwargs["weights"] = weights
     loader(**kwargs)
+    tokenizer = None
+    if fmt == "open_magvit2_ar":  # the file embeds its tokenizer: read it by the tokenizer's own loader
+        try:
+            tokenizer = gin.query_parameter("%TOKENIZER").scoped_configurable_fn()
+        except ValueError:
+            tokenizer = None
+        if tokenizer is not None:
+            launch.reg.get("loaders", "official_open_magvit2_tokenizer")(module=tokenizer, checkpoint=source,
+                                                                        weights="model")
     config = {"source": str(source), "source_sha256": module.checkpoint_sha256, "format": fmt,
               "gin": gin.config_str()}
     out = ck.save_checkpoint(output, 0, {"model": module.state_dict()}, config=config)

@@ -1,10 +1,11 @@
 """Strict, explicit key mappings between official checkpoint layouts and arforge modules.
 
-``shared/specs/checkpoints.md`` §1.4: a load succeeds only if every arforge
+A load succeeds only if every arforge
 parameter/persistent buffer receives exactly one source tensor, every source
 key is mapped or on the format's drop list, shapes match (after documented
 transforms), and a failure lists *all* missing, unexpected and mis-shaped keys
-at once. ``strict=False`` is never used.
+at once, each under the name it has in the official file (the one the user
+can look up). ``strict=False`` is never used.
 
 A :class:`KeyMap` is a list of ``(official_pattern, arforge_template)`` regex
 rules plus a drop list; the same rules run in reverse for export, so a mapping
@@ -30,17 +31,17 @@ class KeyMapError(ArforgeError):
 
 @dataclass
 class KeyMapReport:
-    missing: list[str] = field(default_factory=list)  #: arforge keys that received nothing
+    missing: list[str] = field(default_factory=list)  #: official keys the file lacks (with the arforge name)
     unexpected: list[str] = field(default_factory=list)  #: source keys neither mapped nor dropped
-    mismatched: list[str] = field(default_factory=list)  #: "key: source shape vs target shape"
-    duplicated: list[str] = field(default_factory=list)  #: arforge keys that received two tensors
+    mismatched: list[str] = field(default_factory=list)  #: "official key: source shape vs arforge key target shape"
+    duplicated: list[str] = field(default_factory=list)  #: source keys mapped onto an arforge key already filled
     dropped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.duplicated)
 
-    def format(self, what: str, limit: int = 40) -> str:
+    def format(self, what: str, limit: int = 80) -> str:
         lines = [f"{what} does not match the expected layout:"]
         for title, items in (("missing", self.missing), ("unexpected", self.unexpected),
                              ("shape mismatch", self.mismatched), ("mapped twice", self.duplicated)):
@@ -97,7 +98,7 @@ class KeyMap:
                     report.unexpected.append(key)
                 continue
             if new in out:
-                report.duplicated.append(new)
+                report.duplicated.append(f"{key} (-> {new}, already filled)")
                 continue
             if not isinstance(value, torch.Tensor):
                 report.mismatched.append(f"{key}: not a tensor ({type(value).__name__})")
@@ -113,8 +114,13 @@ class KeyMap:
                 report.mismatched.append(f"{key}: {tuple(value.shape)} vs {new} {tuple(want.shape)}")
                 continue
             out[new] = value.to(want.dtype) if dtype_from_target else value
-        report.missing = sorted(k for k in target if k not in out)
+        # the user holds the official file, so a missing tensor is named by the key that file should have had
+        report.missing = sorted(self._official_name(k) for k in target if k not in out)
         return out, report
+
+    def _official_name(self, key: str) -> str:
+        official = self._invert(key)
+        return key if official is None or official == key else f"{official} (arforge {key})"
 
     def load_into(self, module: torch.nn.Module, source: Mapping[str, torch.Tensor], *,
                   what: str | None = None) -> KeyMapReport:

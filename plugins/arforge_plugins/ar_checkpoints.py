@@ -17,7 +17,8 @@ Formats:
 
 * **LlamaGen / IAR GPT** (§3): 7·n_layer + 4 keys; drops ``freqs_cis``,
   ``layers.*.attention.kv_cache.*`` and ``causal_mask``.
-* **Open-MAGVIT2 AR** (§5): 7·(L + L_f) + 6 ``transformer.*`` keys. The embedded
+* **Open-MAGVIT2 AR** (§5): 7·(L + L_f) + 6 ``transformer.*`` keys; drops the KV caches of a
+  model saved after sampling. The embedded
   tokenizer (``first_stage_model.*``) is not part of the AR model: it is returned
   with the prefix stripped (``LoadResult.tokenizer_state``) for the caller to
   load into a tokenizer, never dropped silently.
@@ -38,6 +39,8 @@ from arforge.checkpoint import CheckpointError, load_foreign, strip_wrapper_pref
 from arforge.keymap import KeyMap, KeyMapReport
 
 __all__ = [
+    "CheckpointArgsError",
+    "check_args",
     "LLAMAGEN_GPT",
     "OPEN_MAGVIT2_AR",
     "IAR2_GPT",
@@ -76,7 +79,10 @@ OPEN_MAGVIT2_AR = KeyMap(
         (r"transformer\.norm\.weight", "head.norm.weight"),
         (r"transformer\.head\.(0|1)\.weight", r"head.head.\1.weight"),
     ],
-    drop=[],  # §8: nothing beyond non-weight entries; first_stage_model.* is split off before mapping
+    # a model saved after sampling carries its KV caches (and may carry the RoPE table and causal mask,
+    # which upstream keeps as plain attributes): none of them are weights
+    drop=[r"transformer\.(spatial_blocks|factorized_blocks)\.\d+\.attention\.kv_cache\.(k_cache|v_cache)",
+          r"transformer\.(freqs_cis|causal_mask)"],
 )
 
 IAR2_GPT = KeyMap(
@@ -104,8 +110,9 @@ class LoadResult:
     tokenizer_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: Open-MAGVIT2's embedded tokenizer
 
 
-def _source(path_or_state: str | os.PathLike | Mapping[str, Any], prefer: str) -> tuple[dict, str, str]:
-    """-> (normalised state dict, container entry, description for errors)."""
+def _source(path_or_state: str | os.PathLike | Mapping[str, Any], prefer: str,
+            model: ARModel | None = None) -> tuple[dict, str, str]:
+    """-> (normalised state dict, container entry, description for errors); checks ``args`` against ``model``."""
     if isinstance(path_or_state, (str, os.PathLike)):
         what = str(path_or_state)
         obj = load_foreign(path_or_state)
@@ -115,8 +122,76 @@ def _source(path_or_state: str | os.PathLike | Mapping[str, Any], prefer: str) -
     if prefer == "ema" and isinstance(obj, Mapping) and "ema" not in obj:  # never fall back silently
         raise CheckpointError(f"{what} has no 'ema' entry (top-level keys: {sorted(map(str, obj))[:12]}); "
                               "load weights='model' instead")
+    if model is not None and isinstance(obj, Mapping):
+        check_args(model, obj.get("args"), what)
     state, where = unwrap_container(obj, prefer=prefer)
     return strip_wrapper_prefixes(state), where, what
+
+
+class CheckpointArgsError(CheckpointError):
+    """The checkpoint's recorded training arguments contradict the configured model."""
+
+
+#: gin files of the paper presets, by family and size (gin/models/)
+_GIN_NAMES = {"llamagen_gpt": "llamagen", "iar2_gpt": "iar2", "open_magvit2_ar": "open_magvit2"}
+
+
+def _preset_gin(family: str, size: str) -> str:
+    return f"gin/models/{_GIN_NAMES.get(family, family)}_{size.lower()}.gin"
+
+
+def check_args(model: ARModel, args: Any, what: str) -> None:
+    """Cross-check the ``args`` a LlamaGen/IAR/IAR2 trainer saved against the configured model.
+
+    The shapes of most settings are caught by the strict key map, but not all:
+    ``block_size`` (the token grid) changes no weight shape, so a 256 px checkpoint
+    would load into a 576-token model and give wrong logits. Every mismatch is
+    listed at once, naming the checkpoint's argument, the configured value, and the
+    binding or gin file that fits the checkpoint. ``args`` is the ``argparse.Namespace``
+    (or dict) of the container; FSDP files record none, and nothing is checked then.
+    """
+    if args is None:
+        return
+    get = args.get if isinstance(args, Mapping) else (lambda k, d=None: getattr(args, k, d))
+    family = getattr(model, "preset_family", "llamagen_gpt")
+    gin = f"models.{family}"
+    problems: list[str] = []
+    image_size, down = get("image_size"), get("downsample_size")
+    if isinstance(image_size, int) and isinstance(down, int) and down > 0:
+        grid = image_size // down
+        if grid * grid != model.block_size:
+            problems.append(f"args.image_size = {image_size} with args.downsample_size = {down} is a {grid}x{grid} "
+                            f"token grid ({grid * grid} tokens), but the model has block_size = {model.block_size}: "
+                            f"bind '{gin}.block_size = {grid * grid}'")
+    vocab = get("vocab_size")
+    if isinstance(vocab, int) and model.num_subtokens == 1 and vocab != model.vocab_sizes[0]:
+        problems.append(f"args.vocab_size = {vocab}, but the model's vocabulary is {model.vocab_sizes[0]}: "
+                        f"bind '{gin}.vocab_size = {vocab}'")
+    classes = get("num_classes")
+    if isinstance(classes, int) and classes != model.cls_embedding.num_classes:
+        problems.append(f"args.num_classes = {classes}, but the model has {model.cls_embedding.num_classes} classes: "
+                        f"bind '{gin}.num_classes = {classes}'")
+    cls_tokens = get("cls_token_num")
+    if isinstance(cls_tokens, int) and cls_tokens != 1:
+        problems.append(f"args.cls_token_num = {cls_tokens}: arforge's class-conditional models use one class token")
+    gpt_model, preset = get("gpt_model"), getattr(model, "preset", None)
+    if isinstance(gpt_model, str) and preset:
+        want = gpt_model.removeprefix("ht-").removeprefix("GPT-")
+        have = preset.split("/", 1)[1]
+        if want != have and want in _known_sizes(family):
+            problems.append(f"args.gpt_model = {gpt_model!r}, but the model is size {have!r} ({gin}.size): "
+                            f"use {_preset_gin(family, want)} (or bind '{gin}.size = \"{want}\"')")
+    if problems:
+        raise CheckpointArgsError(f"{what} was trained with other settings than the configured model:\n  "
+                                  + "\n  ".join(problems))
+
+
+def _known_sizes(family: str) -> set[str]:
+    from arforge_plugins import ar_presets
+
+    table = {"llamagen_gpt": ar_presets.LLAMAGEN_SIZES, "iar2_gpt": ar_presets.IAR2_SIZES,
+             "open_magvit2_ar": ar_presets.OPEN_MAGVIT2_SIZES}.get(family, {})
+    return set(table)
 
 
 def _load(keymap: KeyMap, model: ARModel, state: Mapping[str, torch.Tensor], what: str) -> KeyMapReport:
@@ -138,7 +213,7 @@ def load_llamagen_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping
 
     ``weights`` picks the DDP entry (``model`` by default, §1.2).
     """
-    state, where, what = _source(path_or_state, weights)
+    state, where, what = _source(path_or_state, weights, model)
     return LoadResult(_load(LLAMAGEN_GPT, model, state, what), where)
 
 
@@ -177,7 +252,7 @@ def load_iar2_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping[str
     Sets the ``repeat_interleave`` RoPE flag on the model: the official weights
     were trained with it (``ar_models.md`` §2.5).
     """
-    state, where, what = _source(path_or_state, weights)
+    state, where, what = _source(path_or_state, weights, model)
     report = _load(IAR2_GPT, model, state, what)
     if not model.backbone.rope_repeat_interleave:
         model.configure_rope(repeat_interleave=True)

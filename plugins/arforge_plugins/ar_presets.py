@@ -18,7 +18,7 @@ size (the spec's "computed" numbers, exact here); build on the meta device
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from arforge.ar_model import ARModel
 from arforge.errors import ConfigError
@@ -110,13 +110,20 @@ def _documented(model: ARModel, family: str, size: str | ARSize, at_defaults: bo
     """Attach the preset's documented parameter count (checked by ``arforge run --dry-run``)."""
     key = f"{family}/{size}" if isinstance(size, str) else None
     model.preset = key
+    model.preset_family = family  # names the gin configurable in error messages (models.<family>)
     model.documented_params = PRESET_PARAMS.get(key) if key and at_defaults else None
     return model
 
 
-def _size(table: dict[str, ARSize], size: str | ARSize, family: str) -> ARSize:
+def _size(table: dict[str, ARSize], size: str | ARSize | Mapping[str, int], family: str) -> ARSize:
     if isinstance(size, ARSize):
         return size
+    if isinstance(size, Mapping):  # a custom size from gin: {"n_layer": 2, "n_head": 2, "dim": 16, ...}
+        try:
+            return ARSize(**size)
+        except TypeError as exc:
+            raise ConfigError(f"a {family} size given as a dict takes the keys n_layer, n_head, dim and "
+                              f"head_layers ({exc}); got {dict(size)}") from None
     try:
         return table[size]
     except KeyError:

@@ -30,6 +30,7 @@ from arforge.keymap import KeyMap, KeyMapError
 from arforge.weights import sha256_of
 
 from arforge_plugins.ar_checkpoints import TOKENIZER_PREFIX as AR_TOKENIZER_PREFIX
+from arforge_plugins.ar_checkpoints import CheckpointArgsError
 
 #: ``quantize.codebook_used`` / ``codebook_used2``: usage windows of 65,536 ids (tokenizers.md §1.5.8).
 USAGE_BUFFER_LENGTH = 65536
@@ -106,8 +107,47 @@ def iar2_vq_keymap() -> KeyMap:
                   drop=[r"quantize\.codebook_used", r"quantize\.codebook_used2"])
 
 
+def check_vq_args(tokenizer: nn.Module, args: Any, what: str, quantizer_gin: str) -> None:
+    """Cross-check the ``args`` of a LlamaGen/IAR2 VQ trainer checkpoint against the configured tokenizer.
+
+    ``vq_model`` (``VQ-16``, ``VQ-8``) fixes the downsampling, which no weight shape
+    records when only the number of levels differs; ``codebook_size`` and
+    ``codebook_embed_dim`` are checked here too, so the error names the argument
+    rather than a tensor shape. Every mismatch is listed at once.
+    """
+    if args is None:
+        return
+    get = args.get if isinstance(args, Mapping) else (lambda k, d=None: getattr(args, k, d))
+    problems: list[str] = []
+    vq_model = get("vq_model")
+    m = re.fullmatch(r"VQ-(\d+)", vq_model) if isinstance(vq_model, str) else None
+    down = getattr(tokenizer, "downsample", None)
+    if m and down is not None and int(m.group(1)) != down:
+        want = {16: "vq16", 8: "vq8"}.get(int(m.group(1)))
+        fix = f"use tokenizers.llamagen_vq.preset = \"{want}\" (gin/tokenizers/llamagen_{want}.gin)" if want else \
+            "use a preset with that downsampling (tokenizers.llamagen_vq.preset)"
+        problems.append(f"args.vq_model = {vq_model!r} downsamples by {m.group(1)}, but the tokenizer downsamples by "
+                        f"{down}: {fix}")
+    size, dim = get("codebook_size"), get("codebook_embed_dim")
+    sizes = tuple(getattr(tokenizer, "codebook_sizes", ()))
+    if isinstance(size, int) and sizes and size != sizes[-1]:
+        problems.append(f"args.codebook_size = {size}, but the quantizer has {sizes[-1]} codes: "
+                        f"bind '{quantizer_gin} = {size}'")
+    qdim = getattr(getattr(tokenizer, "quantize", None), "dim", None)
+    if isinstance(dim, int) and qdim is not None and dim != qdim:
+        problems.append(f"args.codebook_embed_dim = {dim}, but the quantizer's codes are {qdim}-dimensional: "
+                        f"use a preset with codebook_dim = {dim}")
+    if problems:
+        raise CheckpointArgsError(f"{what} was trained with other settings than the configured tokenizer:\n  "
+                                  + "\n  ".join(problems))
+
+
 def _load_vq(tokenizer: nn.Module, checkpoint: Any, which: str, keymap: KeyMap, fmt: str) -> TokenizerLoadResult:
     obj, path, sha = _read(checkpoint)
+    if isinstance(obj, Mapping):
+        check_vq_args(tokenizer, obj.get("args"), f"{fmt} checkpoint{f' {path}' if path else ''}",
+                      "quantizers.semantic_detail.detail_codebook_size" if fmt == "iar2_vq"
+                      else "quantizers.vq.codebook_size")
     state, chosen, where = _container_entry(obj, which)
     report = keymap.load_into(tokenizer, state, what=f"{fmt} checkpoint{f' {path}' if path else ''} ({chosen})")
     return TokenizerLoadResult(format=fmt, weights=chosen, entry=where, dropped=report.dropped,
