@@ -159,6 +159,30 @@ def test_bindings_override_and_resume_reuses_run(tmp_path):
     assert launch.last_run()[0] != run_id
 
 
+def test_each_launch_in_one_process_uses_its_own_home(tmp_path, monkeypatch):
+    """A notebook launching twice with another ARFORGE_HOME: the second run lands in the second store.
+
+    MLflow exports the URI it is given to MLFLOW_TRACKING_URI; had arforge left it there, the
+    second launch would have taken it for the user's choice and written to the first home.
+    """
+    from mlflow.tracking import MlflowClient
+
+    f = _write(tmp_path, """
+        launch.experiment = "homes"
+        launch.job = @jobs.toy_job
+        jobs.toy_job.steps = 1
+    """)
+    for name in ("first", "second"):
+        monkeypatch.setenv("ARFORGE_HOME", str(tmp_path / name))
+        launch.run_file(f)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for name in ("first", "second"):
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("homes").experiment_id])
+        assert len(runs) == 1, name
+    assert "ARFORGE_EXPERIMENT" not in os.environ  # nor does the experiment's folder leak into later launches
+
+
 def test_arforge_run_logs_params_config_tags_metrics(tmp_path):
     """End to end through the real CLI and a third-party entry point, read back with mlflow."""
     site = make_plugin_dist(tmp_path / "site", "toy-jobs", "0.3", "toy_jobs_mod", TOY_JOB_SOURCE,

@@ -579,7 +579,22 @@ def _launch(job, *, experiment, run_name, device, precision, seed, output_dir, r
         raise ConfigError(f"launch.resume must be 'auto', 'never' or 'must', not {resume!r}")
     job_name = getattr(job, "__name__", type(job).__name__)
     run_name = run_name or job_name
+    previous_experiment = os.environ.get("ARFORGE_EXPERIMENT")
     os.environ["ARFORGE_EXPERIMENT"] = experiment  # "pipeline:" paths outside a pipeline
+    try:
+        return _launch_in(job, job_name=job_name, experiment=experiment, run_name=run_name, device=device,
+                          precision=precision, seed=seed, output_dir=output_dir, resume=resume, tags=tags)
+    finally:  # a later launch in this process (a test, a notebook) must not inherit this one's folder
+        if previous_experiment is None:
+            os.environ.pop("ARFORGE_EXPERIMENT", None)
+        else:
+            os.environ["ARFORGE_EXPERIMENT"] = previous_experiment
+
+
+def _launch_in(job, *, job_name, experiment, run_name, device, precision, seed, output_dir, resume, tags):
+    from arforge import device as dev
+    from arforge import tracking
+
     torch_device = dev.resolve_device(device)
     prec = dev.Precision(precision)
     dist = dev.init_distributed(torch_device)

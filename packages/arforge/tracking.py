@@ -310,7 +310,10 @@ def configure() -> str:
         artifact_root().mkdir(parents=True, exist_ok=True)
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
             Path(uri[len("sqlite:///"):].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+    user_set = "MLFLOW_TRACKING_URI" in os.environ
     mlflow.set_tracking_uri(uri)
+    if not user_set:  # MLflow exports the URI; left there, it would pin every later launch in this process
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # (a notebook, a test) to this ARFORGE_HOME's store
     return uri
 
 
