@@ -3,7 +3,11 @@
 ``auto`` picks CUDA, then an Ascend NPU (only if ``torch_npu`` is importable),
 then the CPU. ``torch_npu`` is imported late and only when asked for: once it is
 installed, a plain ``import torch`` fails on machines without the CANN
-libraries, so it can never be a default dependency (see ``shared/specs/stack.md``).
+libraries, so it can never be a default dependency (it is the optional ``npu`` extra).
+
+Under torchrun (one or several nodes) the global ``RANK`` decides what happens once per
+job (logging, checkpoints: ``DistInfo.is_main``) and ``LOCAL_RANK`` picks the accelerator
+on each node (``cuda:<LOCAL_RANK>`` / ``npu:<LOCAL_RANK>``).
 """
 
 from __future__ import annotations
@@ -67,11 +71,18 @@ def resolve_device(name: str = "auto", *, local_rank: int | None = None) -> torc
         if not torch.cuda.is_available():
             raise DeviceError("device 'cuda' was asked for but torch.cuda.is_available() is False; "
                               "use device='cpu' or install a CUDA build of torch")
-        return torch.device("cuda", int(index) if index else local_rank)
+        return _indexed("cuda", int(index) if index else local_rank, torch.cuda.device_count())
     _import_torch_npu()
     if not torch.npu.is_available():
         raise DeviceError("device 'npu' was asked for but torch.npu.is_available() is False")
-    return torch.device("npu", int(index) if index else local_rank)
+    return _indexed("npu", int(index) if index else local_rank, torch.npu.device_count())
+
+
+def _indexed(kind: str, index: int, count: int) -> torch.device:
+    if count and index >= count:
+        raise DeviceError(f"device {kind}:{index} was asked for (LOCAL_RANK or an explicit index) but only "
+                          f"{count} {kind.upper()} device(s) are visible; lower torchrun's --nproc_per_node")
+    return torch.device(kind, index)
 
 
 def importlib_util_find(module: str) -> bool:
@@ -139,35 +150,75 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- distributed
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process sits in a torchrun job (one node or several).
+
+    ``rank``/``world_size`` are global (``RANK``/``WORLD_SIZE``); ``local_rank`` is the index
+    on this node (``LOCAL_RANK``, also the accelerator index); ``node_rank`` is torchrun's
+    ``GROUP_RANK`` and ``num_nodes`` its ``GROUP_WORLD_SIZE`` (else ``WORLD_SIZE //
+    LOCAL_WORLD_SIZE``).
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
 
     @property
     def is_main(self) -> bool:
+        """Global rank 0: the one process of the whole job that logs and writes checkpoints."""
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """Local rank 0: one process per node (e.g. for work on a node's own local disk)."""
+        return self.local_rank == 0
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DeviceError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def dist_info() -> DistInfo:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                        int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                    int(os.environ.get("LOCAL_RANK", "0")))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = max(1, _env_int("LOCAL_WORLD_SIZE", world))
+    num_nodes = _env_int("GROUP_WORLD_SIZE", max(1, world // local_world))
+    node_rank = _env_int("GROUP_RANK", rank // local_world)
+    return DistInfo(rank, world, local_rank, local_world, node_rank, num_nodes)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The collective backend for ``device``: NCCL on CUDA, HCCL on Ascend NPUs, else gloo."""
+    return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
 
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1)
     if world <= 1 or torch.distributed.is_initialized():
         return dist_info()
-    backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+    backend = process_group_backend(device)
+    # The accelerator is bound before the group exists: NCCL and HCCL create their
+    # communicators on the current device, which otherwise is device 0 on every rank.
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)
     torch.distributed.init_process_group(backend=backend)
     return dist_info()
 
