@@ -13,6 +13,15 @@ Every family also has a ``tiny`` preset for tests. :data:`PRESET_PARAMS` lists
 the parameter count of every paper preset at its default vocabulary and block
 size (the spec's "computed" numbers, exact here); build on the meta device
 (``with torch.device("meta"):``) to count without allocating.
+
+Every factory takes ``grad_checkpointing`` (default off): activation
+checkpointing of each transformer block in training, for the large sizes
+(LlamaGen XXL/3B, IAR2 XXL …) on 40–80 GB cards. It trades one extra forward
+of the blocks per step (roughly a third more compute) for keeping only each
+block's input between forward and backward, and leaves losses, gradients and
+sampling unchanged. In gin: ``models.llamagen_gpt.grad_checkpointing = True``;
+on a built model: ``model.backbone.grad_checkpointing = True`` (and
+``model.head.grad_checkpointing`` for the Open-MAGVIT2 and IAR2 heads).
 """
 
 from __future__ import annotations
@@ -134,7 +143,7 @@ def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_siz
                  num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
                  resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, cls_zero_rotation: bool = True,
                  rope_repeat_interleave: bool = False, cluster_size: int | None = None,
-                 cluster_loss_weight: float = 1.0) -> ARModel:
+                 cluster_loss_weight: float = 1.0, grad_checkpointing: bool = False) -> ARModel:
     """LlamaGen class-conditional GPT (``ar_models.md`` §3.1, §5.1).
 
     Args:
@@ -146,13 +155,18 @@ def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_siz
         cls_zero_rotation: §2.4 class-slot RoPE quirk (on for official weights).
         rope_repeat_interleave: §2.5 IAR2 quirk (off for LlamaGen).
         cluster_size, cluster_loss_weight: IAR's cluster loss (§6), off by default.
+        grad_checkpointing: activation checkpointing of every backbone block in the
+            training forward (recomputed in backward; up to ~1/3 more compute for much less activation
+            memory; never applies in eval, under no_grad or to cached decoding). Settable later
+            as ``model.backbone.grad_checkpointing``.
     """
     s = _size(LLAMAGEN_SIZES, size, "LlamaGen")
     fact = IdentityFactorization(codebook_size=vocab_size)
     backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
                              token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
                              ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation,
-                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False)
+                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False,
+                             grad_checkpointing=grad_checkpointing)
     head = LinearHead(dim=s.dim, vocab_size=vocab_size)
     model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
                     class_dropout_p=class_dropout_p, cluster_size=cluster_size,
@@ -162,24 +176,27 @@ def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_siz
 
 def iar_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: int = 256, num_classes: int = 1000,
             class_dropout_p: float = 0.1, token_dropout_p: float = 0.1, resid_dropout_p: float = 0.1,
-            ffn_dropout_p: float = 0.1, cluster_size: int = 128, cluster_loss_weight: float = 1.0) -> ARModel:
+            ffn_dropout_p: float = 0.1, cluster_size: int = 128, cluster_loss_weight: float = 1.0,
+            grad_checkpointing: bool = False) -> ARModel:
     """IAR: LlamaGen's GPT over reordered ids, trained with the cluster-oriented loss (§6).
 
     Args:
         cluster_size: tokens per cluster (§6: 128 clusters × 128).
         cluster_loss_weight: λ (§6: ``--lambda-cce`` = 1).
+        grad_checkpointing: activation checkpointing of the backbone blocks, as :func:`llamagen_gpt`.
         Others: as :func:`llamagen_gpt`.
     """
     return llamagen_gpt(size, vocab_size=vocab_size, block_size=block_size, num_classes=num_classes,
                         class_dropout_p=class_dropout_p, token_dropout_p=token_dropout_p,
                         resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
-                        cluster_size=cluster_size, cluster_loss_weight=cluster_loss_weight)
+                        cluster_size=cluster_size, cluster_loss_weight=cluster_loss_weight,
+                        grad_checkpointing=grad_checkpointing)
 
 
 def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] = (6, 12), block_size: int = 256,
                     num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
                     resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
-                    cls_zero_rotation: bool = True) -> ARModel:
+                    cls_zero_rotation: bool = True, grad_checkpointing: bool = False) -> ARModel:
     """Open-MAGVIT2 AR with next-sub-token prediction (``ar_models.md`` §3.2, §5.2).
 
     Args:
@@ -189,15 +206,21 @@ def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] 
         num_classes: label classes (§4: 1000).
         class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
         cls_zero_rotation: §2.4 quirk (on for official weights).
+        grad_checkpointing: activation checkpointing of every backbone block and of the intra
+            transformer's ``factorized_blocks`` in the training forward (recomputed in backward;
+            up to ~1/3 more compute for much less activation memory; never applies in eval, under
+            no_grad or to cached decoding). Settable later as ``model.backbone.grad_checkpointing``
+            / ``model.head.grad_checkpointing``.
     """
     s = _size(OPEN_MAGVIT2_SIZES, size, "Open-MAGVIT2")
     fact = BitSplitFactorization(bits=factorized_bits)
     backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
                              token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
-                             ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation, final_norm=False)
+                             ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation, final_norm=False,
+                             grad_checkpointing=grad_checkpointing)
     head = NextSubtokenHead(dim=s.dim, n_layer=s.head_layers, n_head=s.n_head, vocab_sizes=fact.vocab_sizes,
                             resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
-                            cls_zero_rotation=cls_zero_rotation)
+                            cls_zero_rotation=cls_zero_rotation, grad_checkpointing=grad_checkpointing)
     model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
                     class_dropout_p=class_dropout_p)
     return _documented(model, "open_magvit2_ar", size, tuple(factorized_bits) == (6, 12) and num_classes == 1000)
@@ -206,7 +229,8 @@ def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] 
 def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size: int = 4096, block_size: int = 576,
              num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
              resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, semantic_loss_weight: float = 1.0,
-             cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True) -> ARModel:
+             cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True,
+             grad_checkpointing: bool = False) -> ARModel:
     """IAR2 GPT with the local-context semantic/detail head (``ar_models.md`` §3.3, §5.3).
 
     Args:
@@ -218,17 +242,24 @@ def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size:
         semantic_loss_weight: ``--w1`` on the semantic CE (§6: default 1.0, the FSDP example 2.0).
         cls_zero_rotation: §2.4 quirk (on for official weights).
         rope_repeat_interleave: §2.5 quirk (on for official weights; optional for new models).
+        grad_checkpointing: activation checkpointing of every backbone block and of the head's 5
+            ``factorized_blocks`` in the training forward (recomputed in backward; up to ~1/3 more
+            compute for much less activation memory; never applies in eval, under no_grad or to
+            cached decoding). Settable later as ``model.backbone.grad_checkpointing`` /
+            ``model.head.grad_checkpointing``.
     """
     s = _size(IAR2_SIZES, size, "IAR2")
     fact = SemanticDetailFactorization(semantic_size=semantic_size, detail_size=detail_size)
     backbone = LlamaBackbone(dim=s.dim, n_layer=s.n_layer, n_head=s.n_head, block_size=block_size,
                              token_dropout_p=token_dropout_p, resid_dropout_p=resid_dropout_p,
                              ffn_dropout_p=ffn_dropout_p, cls_zero_rotation=cls_zero_rotation,
-                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False)
+                             rope_repeat_interleave=rope_repeat_interleave, final_norm=False,
+                             grad_checkpointing=grad_checkpointing)
     head = SemanticDetailHead(dim=s.dim, n_head=s.n_head, grid_size=as_grid(block_size)[0],
                               n_layer=s.head_layers, vocab_sizes=fact.vocab_sizes,
                               resid_dropout_p=resid_dropout_p, ffn_dropout_p=ffn_dropout_p,
-                              cls_zero_rotation=cls_zero_rotation, rope_repeat_interleave=rope_repeat_interleave)
+                              cls_zero_rotation=cls_zero_rotation, rope_repeat_interleave=rope_repeat_interleave,
+                              grad_checkpointing=grad_checkpointing)
     model = ARModel(factorization=fact, backbone=backbone, head=head, num_classes=num_classes,
                     class_dropout_p=class_dropout_p, loss_weights=(semantic_loss_weight, 1.0))
     return _documented(model, "iar2_gpt", size, (semantic_size, detail_size, num_classes) == (256, 4096, 1000))

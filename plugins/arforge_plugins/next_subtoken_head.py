@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from arforge.device import at_least_fp32
-from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock
+from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, run_blocks
 
 __all__ = ["NextSubtokenHead"]
 
@@ -35,7 +35,7 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
                  vocab_sizes: Sequence[int] = (64, 4096), ffn_hidden: int | None = None,
                  norm_eps: float = 1e-5, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1,
                  ffn_dropout_p: float = 0.1, rope_base: float = 10000.0, cls_zero_rotation: bool = True,
-                 rope_repeat_interleave: bool = False):
+                 rope_repeat_interleave: bool = False, grad_checkpointing: bool = False):
         """
         Args:
             dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (§3.2: same width and blocks).
@@ -43,6 +43,10 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
             vocab_sizes: (pre, post) vocabularies (§5.2: 64 and 4096, from bits [6, 12]).
             attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (§1.5: 0, 0.1, 0.1).
             rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–1 the slots use (§2.6).
+            grad_checkpointing: checkpoint each of ``factorized_blocks`` in the training forward
+                (train mode, grad enabled), as :class:`~arforge.nn.llama.LlamaBackbone` does: their
+                activations over the B·L short sequences are recomputed in backward instead of kept.
+                Never applies to decoding. A plain attribute, switchable after construction.
         """
         super().__init__()
         vocab_sizes = tuple(int(v) for v in vocab_sizes)
@@ -54,6 +58,7 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
         self.rope_base = rope_base
         self.cls_zero_rotation = cls_zero_rotation
         self.rope_repeat_interleave = rope_repeat_interleave
+        self.grad_checkpointing = bool(grad_checkpointing)
         self.factorized_blocks = nn.ModuleList([
             TransformerBlock(dim=dim, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=ffn_hidden, norm_eps=norm_eps,
                              attn_dropout_p=attn_dropout_p, resid_dropout_p=resid_dropout_p,
@@ -89,8 +94,8 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
         b, n_pos, d = h.shape
         x = torch.stack([h, self.pre_emb(sub_tokens[..., 0])], dim=2)  # (B, L, 2, D)
         x = x.reshape(b * n_pos, self.n_slots, d)  # (B·L, 2, D)
-        for blk in self.factorized_blocks:
-            x = blk(x, self.freqs_cis)
+        x = run_blocks(self.factorized_blocks, x, self.freqs_cis,
+                       checkpointing=self.grad_checkpointing and self.training)
         x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 2, D)
         return [at_least_fp32(self.head[0](x[:, :, 0])), at_least_fp32(self.head[1](x[:, :, 1]))]
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from arforge.device import at_least_fp32
-from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, canonical_device
+from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, run_blocks, canonical_device
 
 __all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
 
@@ -61,7 +61,8 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
     def __init__(self, *, dim: int, n_head: int, grid_size: int, n_layer: int = 5, n_kv_head: int | None = None,
                  vocab_sizes: Sequence[int] = (256, 4096), ffn_hidden: int | None = None, norm_eps: float = 1e-5,
                  attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
-                 rope_base: float = 10000.0, cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True):
+                 rope_base: float = 10000.0, cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True,
+                 grad_checkpointing: bool = False):
         """
         Args:
             dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (§5.3.6: same configuration).
@@ -71,6 +72,10 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
             attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (§1.5: 0, 0.1, 0.1).
             rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–2 the slots
                 use (§2.6; IAR2 checkpoints need ``rope_repeat_interleave``, §2.5).
+            grad_checkpointing: checkpoint each of ``factorized_blocks`` in the training forward
+                (train mode, grad enabled), as :class:`~arforge.nn.llama.LlamaBackbone` does: their
+                activations over the B·L short sequences are recomputed in backward instead of kept.
+                Never applies to decoding. A plain attribute, switchable after construction.
         """
         super().__init__()
         vocab_sizes = tuple(int(v) for v in vocab_sizes)
@@ -83,6 +88,7 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
         self.rope_base = rope_base
         self.cls_zero_rotation = cls_zero_rotation
         self.rope_repeat_interleave = rope_repeat_interleave
+        self.grad_checkpointing = bool(grad_checkpointing)
         c = dim // 12  # ⌊D/12⌋ features per neighbour (§3.3)
         self.window_dim = c
         self.mlp1 = nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, c, bias=False))
@@ -142,8 +148,8 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
         b, n_pos, d = h.shape
         x = torch.stack([self.local_context(h), h, self.tok_embeddings1(sub_tokens[..., 0])], dim=2)  # (B, L, 3, D)
         x = x.reshape(b * n_pos, self.n_slots, d)  # (B·L, 3, D)
-        for blk in self.factorized_blocks:
-            x = blk(x, self.freqs_cis)
+        x = run_blocks(self.factorized_blocks, x, self.freqs_cis,
+                       checkpointing=self.grad_checkpointing and self.training)
         x = self.norm(x).view(b, n_pos, self.n_slots, d)  # (B, L, 3, D); slot 0's output is unused
         return [at_least_fp32(self.output1(x[:, :, 1])), at_least_fp32(self.output2(x[:, :, 2]))]
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from arforge.device import at_least_fp32
@@ -36,6 +37,7 @@ __all__ = [
     "canonical_device",
     "Attention",
     "TransformerBlock",
+    "run_blocks",
     "precompute_freqs_cis_2d",
     "subtoken_freqs_cis",
     "RotaryTableMixin",
@@ -387,6 +389,29 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h)), attn_cls
 
 
+def run_blocks(blocks, x: torch.Tensor, freqs_cis: torch.Tensor, *, checkpointing: bool) -> torch.Tensor:
+    """Run the teacher-forced ``forward`` of ``blocks`` in order, optionally checkpointed.
+
+    With ``checkpointing`` (the caller passes it only for a module in train mode;
+    ignored while grad is disabled) each block runs under
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: its inner
+    activations are freed after the forward and recomputed from the block's input
+    during backward, so only one tensor (B, T, D) per block stays alive between
+    forward and backward. Each block's forward then runs twice per step.
+    """
+    if not (checkpointing and torch.is_grad_enabled()):
+        for blk in blocks:
+            x = blk(x, freqs_cis)
+        return x
+    for blk in blocks:
+        # use_reentrant=False with the default preserve_rng_state=True saves the CPU (and the
+        # input's CUDA device) RNG state before the forward and restores it for the
+        # recomputation, so the dropout masks replayed in backward are the ones of the forward:
+        # gradients equal those without checkpointing.
+        x = torch.utils.checkpoint.checkpoint(blk, x, freqs_cis, use_reentrant=False)
+    return x
+
+
 # ============================================================ class embedder
 class LabelEmbedder(nn.Module):
     """Class embeddings with label dropout for CFG (``ar_models.md`` §4).
@@ -449,7 +474,7 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
                  norm_eps: float = 1e-5, token_dropout_p: float = 0.1, attn_dropout_p: float = 0.0,
                  resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, rope_base: float = 10000.0,
                  cls_zero_rotation: bool = True, rope_repeat_interleave: bool = False,
-                 final_norm: bool = False):
+                 final_norm: bool = False, grad_checkpointing: bool = False):
         """
         Args:
             dim, n_layer, n_head: width, blocks and heads (§3 tables).
@@ -465,6 +490,17 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
             rope_repeat_interleave: §2.5 IAR2 quirk, token t rotated by cell ⌊t/2⌋.
             final_norm: an RMSNorm ``norm`` after the blocks (off for the released families, whose
                 final norm lives in the head or does not exist, §5).
+            grad_checkpointing: activation (gradient) checkpointing of every block: each block
+                runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so its
+                internal activations (attention, the SwiGLU hidden, dropout masks) are not kept
+                for backward but recomputed from the block input. Trades about one extra forward
+                of the blocks per step (up to ~1/3 more compute) for activation memory that grows with
+                one (B, T, D) tensor per block instead of all of them. Applies only to the
+                training ``forward`` while the module is in train mode with grad enabled; eval,
+                ``torch.no_grad()`` and the KV-cached ``step`` (decoding) never checkpoint.
+                Dropout replays identically (RNG state preserved), so losses and gradients are
+                those without it. A plain attribute: ``backbone.grad_checkpointing = True``
+                switches it after construction.
         """
         super().__init__()
         grid = int(round(block_size ** 0.5))
@@ -481,6 +517,7 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
         self.rope_base = rope_base
         self.cls_zero_rotation = cls_zero_rotation
         self.rope_repeat_interleave = rope_repeat_interleave
+        self.grad_checkpointing = bool(grad_checkpointing)
         self.tok_dropout = nn.Dropout(token_dropout_p)
         self.layers = nn.ModuleList([
             TransformerBlock(dim=dim, n_head=n_head, n_kv_head=n_kv_head, ffn_hidden=ffn_hidden,
@@ -514,7 +551,8 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
     def forward(self, x_emb: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x_emb (B, T, D) -> (B, T, D) under a causal mask.
 
-        ``input_pos`` (T,) picks the RoPE rows (default 0 … T-1, §2.3).
+        ``input_pos`` (T,) picks the RoPE rows (default 0 … T-1, §2.3). With
+        ``grad_checkpointing`` (train mode, grad enabled) every block is checkpointed.
         """
         t = x_emb.shape[1]
         if t > self.freqs_cis.shape[0]:
@@ -522,8 +560,7 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
                              f"({self.freqs_cis.shape[0]} = cls + block_size {self.block_size})")
         freqs = self.freqs_cis[:t] if input_pos is None else self.freqs_cis[input_pos]  # (T, hd/2, 2)
         h = self.tok_dropout(x_emb)
-        for layer in self.layers:
-            h = layer(h, freqs)
+        h = run_blocks(self.layers, h, freqs, checkpointing=self.grad_checkpointing and self.training)
         return self.norm(h) if self.norm is not None else h
 
     # ---------------------------------------------------------------- decoding
