@@ -15,6 +15,7 @@ the last good checkpoint kept.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Sequence
 
@@ -25,7 +26,8 @@ from arforge.ar_model import subtoken_loss
 from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
-from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, _unwrap, param_groups, set_lr
+from arforge.trainers.common import (EMA, InfiniteLoader, Schedule, ShardedEMA, TrainLoop, _unwrap, param_groups,
+                                     set_lr)
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 
@@ -205,7 +207,8 @@ def train_ar(
         grad_clip: max gradient norm (1.0 in every family).
         grad_accum: micro-batches per optimizer step.
         loss_weights: per-sub-token CE weights (IAR2 ``--w1`` = (w1, 1.0)); default: the model's.
-        ema_decay: EMA of the weights (0.9999 optional in LlamaGen/IAR2); None = off.
+        ema_decay: EMA of the weights (0.9999 optional in LlamaGen/IAR2); None = off. Under FSDP the
+            EMA is sharded like the weights and gathered into the checkpoint (``ShardedEMA``).
         parallel: ``auto`` (DDP under torchrun), ``ddp``, ``fsdp`` or ``none``.
         save_every / keep_last / log_every: checkpoint and logging periods (optimizer steps).
         log_checkpoint: log the final checkpoint folder as an MLflow artifact.
@@ -235,15 +238,13 @@ def train_ar(
                             fused=device.type == "cuda")
     schedule = Schedule(kind=lr_schedule, total_steps=steps, warmup_steps=warmup_steps, end_factor=end_factor)
     scaler = ctx.precision.grad_scaler(device)
-    ema = EMA(inner, decay=ema_decay) if ema_decay and not fsdp else None
-    if ema_decay and fsdp:
-        raise ArforgeError("EMA with FSDP is not supported: the IAR2/LlamaGen FSDP recipes use no EMA")
+    ema = (ShardedEMA(inner, decay=ema_decay) if fsdp else EMA(inner, decay=ema_decay)) if ema_decay else None
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
                             world_size=ctx.dist.world_size, num_workers=num_workers,
                             collate_fn=_collate_images if tokenizer is not None else _collate_codes)
     weights: dict[str, Any] = {"model": _FSDPModelState(wrapped) if fsdp else inner}
     if ema is not None:
-        weights["ema"] = ema.model
+        weights["ema"] = ema if fsdp else ema.model
     optimizers: dict[str, Any] = {"opt": _FSDPOptimState(wrapped, opt) if fsdp else opt}
     loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=optimizers,
                      extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
@@ -276,7 +277,7 @@ def train_ar(
                     codes = tokenizer.encode(codes.float())  # images (B, 3, H, W) -> ids (B, L, S)
             sub = fac.split(codes)  # (B, L, S) -> (B, L, K)
             sync = micro == grad_accum - 1 or not hasattr(wrapped, "no_sync")
-            ctx_sync = wrapped.no_sync() if not sync else _nullcontext()
+            ctx_sync = wrapped.no_sync() if not sync else contextlib.nullcontext()
             with ctx_sync, ctx.precision.autocast(device):
                 out = wrapped(sub, labels)
                 lb = subtoken_loss(out.logits, sub, weights=weights_k, names=names,
@@ -324,10 +325,3 @@ def train_ar(
         ctx.extra["checkpoint"] = str(final)
     return {k.removeprefix("train/"): v for k, v in last.items()}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
