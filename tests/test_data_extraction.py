@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from arforge.data.transforms import center_crop_arr, to_tensor
 from arforge.errors import ConfigError
 from arforge.interfaces import Tokenizer, TokenizerOutput
 from arforge.tracking import Tracker
+from two_ranks import run_on_ranks
 
 S, CROP_RANGE = 8, 1.5  # views of 8 px cut from a center crop of int(8 * 1.5) = 12 px
 BROKEN = 3  # index of the truncated JPEG in the tree below
@@ -225,32 +224,21 @@ def test_extraction_errors_leave_nothing_behind(tree: Path, tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------- two ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, tree: str, pattern: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        ctx = local_context(out)
-        assert ctx.dist.world_size == world and ctx.dist.rank == rank
-        kw = {"tokenizer": PoolTokenizer(), "image_size": S, "crop_range": CROP_RANGE, "batch_size": 2,
-              "progress": False}
-        folder, shards = ImageFolderDataset(root=tree, image_size=S), ImageShardsDataset(urls=pattern, image_size=S)
-        a = extract_codes(ctx, dataset=folder, output_dir=Path(out) / "folder", **kw)
-        b = extract_codes(ctx, dataset=shards, output_dir=Path(out) / "shards", **kw)
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps([a.num_samples, a.skipped, b.num_samples, b.skipped]))
-        # make_loader shards a map-style dataset by rank through its DistributedSampler.
-        loader = make_loader(TensorDataset(torch.arange(10)), batch_size=3, shuffle=True, seed=0)
-        set_epoch(loader, 1)
-        mine = [int(i) for (batch,) in loader for i in batch]
-        (Path(out) / f"loader{rank}.json").write_text(json.dumps(mine))
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_main(tree: str, pattern: str, out: str) -> None:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ctx = local_context(out)
+    assert ctx.dist.world_size == world and ctx.dist.rank == rank
+    kw = {"tokenizer": PoolTokenizer(), "image_size": S, "crop_range": CROP_RANGE, "batch_size": 2,
+          "progress": False}
+    folder, shards = ImageFolderDataset(root=tree, image_size=S), ImageShardsDataset(urls=pattern, image_size=S)
+    a = extract_codes(ctx, dataset=folder, output_dir=Path(out) / "folder", **kw)
+    b = extract_codes(ctx, dataset=shards, output_dir=Path(out) / "shards", **kw)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps([a.num_samples, a.skipped, b.num_samples, b.skipped]))
+    # make_loader shards a map-style dataset by rank through its DistributedSampler.
+    loader = make_loader(TensorDataset(torch.arange(10)), batch_size=3, shuffle=True, seed=0)
+    set_epoch(loader, 1)
+    mine = [int(i) for (batch,) in loader for i in batch]
+    (Path(out) / f"loader{rank}.json").write_text(json.dumps(mine))
 
 
 def test_two_ranks_write_every_sample_once_in_dataset_order(tree: Path, tmp_path: Path) -> None:
@@ -258,7 +246,7 @@ def test_two_ranks_write_every_sample_once_in_dataset_order(tree: Path, tmp_path
                               verify=False, progress=False)  # 3 shards: rank 0 reads 2, rank 1 reads 1
     _extract(ImageFolderDataset(root=tree, image_size=S), tmp_path / "single")  # the one-process reference
     out = tmp_path / "ddp"
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(tree), info.pattern, str(out)), nprocs=2)
+    run_on_ranks(_rank_main, tmp_path, tree=str(tree), pattern=info.pattern, out=str(out))
 
     for rank in (0, 1):  # every rank returns rank 0's numbers
         assert json.loads((out / f"rank{rank}.json").read_text()) == [5, 1, 5, 1]

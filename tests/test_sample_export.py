@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from arforge.data.extraction import local_context
 from arforge.generation import decode_tokens, generate
 from arforge.metrics.adm import to_uint8
 from arforge.sampling_job import sample_images, sample_labels, sample_seed
+from two_ranks import run_on_ranks
 
 C, N, SEED = 3, 3, 5  # 3 classes x 3 samples
 
@@ -172,30 +171,19 @@ def test_loads_ema_weights_strictly_from_checkpoints(tmp_path):
 
 
 # ------------------------------------------------------------------ two ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        tracker = FakeTracker()
-        res = _run(Path(out), tracker=tracker)
-        assert (len(tracker.images) == 1) == (rank == 0)  # only rank 0 logs
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_main(out: str) -> None:
+    rank = torch.distributed.get_rank()
+    tracker = FakeTracker()
+    res = _run(Path(out), tracker=tracker)
+    assert (len(tracker.images) == 1) == (rank == 0)  # only rank 0 logs
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
 
 
 def test_two_ranks_write_the_same_file_as_one(tmp_path):
     single = _run(tmp_path / "single")
     out = tmp_path / "ddp"
     out.mkdir()
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2)
+    run_on_ranks(_rank_main, tmp_path, out=str(out))
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1] and results[0]["num_samples"] == C * N  # every rank returns rank 0's result
     with np.load(single["path"]) as a, np.load(out / "samples.npz") as b:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tracemalloc
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 import arforge.sampling_job as sampling_job
 from arforge.errors import ArforgeError
 from arforge.sampling_job import work_folder, write_adm_npz
-from test_sample_export import SEED, _free_port, _llamagen_pair, _run
+from test_sample_export import SEED, _llamagen_pair, _run
+from two_ranks import run_on_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,18 +92,12 @@ def test_a_killed_job_resumes_where_it_stopped_and_writes_the_same_file(tmp_path
     assert Path(late["path"]).read_bytes() == Path(whole["path"]).read_bytes()
 
 
-def _resume_rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        calls = []
-        real = sampling_job.generate
-        sampling_job.generate = lambda model, labels, **kw: calls.append(len(labels)) or real(model, labels, **kw)
-        res = _run(Path(out), batch_size=BATCH)
-        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"result": res, "calls": calls}))
-    finally:
-        torch.distributed.destroy_process_group()
+def _resume_rank(out: str) -> None:
+    calls = []
+    real = sampling_job.generate
+    sampling_job.generate = lambda model, labels, **kw: calls.append(len(labels)) or real(model, labels, **kw)
+    res = _run(Path(out), batch_size=BATCH)
+    (Path(out) / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps({"result": res, "calls": calls}))
 
 
 def test_two_ranks_finish_what_one_rank_started(tmp_path, monkeypatch):
@@ -111,7 +105,7 @@ def test_two_ranks_finish_what_one_rank_started(tmp_path, monkeypatch):
     whole = _run(tmp_path / "whole", batch_size=BATCH)
     out = tmp_path / "ddp"
     _kill(out, monkeypatch, _llamagen_pair(), after=2)  # samples 0-3 done on one rank
-    torch.multiprocessing.spawn(_resume_rank, args=(2, _free_port(), str(out)), nprocs=2)
+    run_on_ranks(_resume_rank, tmp_path, out=str(out))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["result"] == ranks[1]["result"] and ranks[0]["result"]["resumed"] == 4
     assert ranks[0]["calls"] == [2, 1] and ranks[1]["calls"] == [2]  # 4, 6, 8 on rank 0; 5, 7 on rank 1

@@ -208,13 +208,21 @@ def _distributed() -> bool:
             and torch.distributed.get_world_size() > 1)
 
 
-def all_reduce_sum_local_grad(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over all ranks; the gradient flows into this rank's ``t`` only."""
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over all ranks, differentiable as the sum is.
+
+    Every rank's loss depends on every rank's ``t`` through the sum, so d(sum)/dt_r
+    summed over the ranks' identical losses is world_size; DDP/FSDP then average the
+    ranks' gradients. The local gradient is therefore scaled by world_size (what an
+    all-reduce in backward would give) -- with a gradient of 1, a 2-rank run would
+    step the codebook entropy at half the strength of a 1-rank run on the same batch.
+    """
     if not _distributed():
         return t
     total = t.detach().clone()
     torch.distributed.all_reduce(total)
-    return t + (total - t.detach())
+    world = torch.distributed.get_world_size()
+    return total + (t - t.detach()) * world
 
 
 def codebook_entropy(prob_sum: torch.Tensor, count: torch.Tensor | float, *,
@@ -250,8 +258,8 @@ def lfq_entropy(z: torch.Tensor, *, tau: float = 0.01, split: int | None = None,
             prob_sum = codebook_prob_sum_chunked(z, tau=tau, chunk_size=chunk_size)
         count = torch.tensor(float(z.shape[0]), device=z.device)
         if scope == "global":
-            prob_sum = all_reduce_sum_local_grad(prob_sum)
-            count = all_reduce_sum_local_grad(count)
+            prob_sum = all_reduce_sum(prob_sum)
+            count = all_reduce_sum(count)
         h_codebook = codebook_entropy(prob_sum, count, eps=eps)
     return h_sample, h_codebook
 

@@ -141,7 +141,9 @@ class LeCAM(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
-        means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
+        # In the buffers' dtype or wider (fp64 when the loss is), so a 2-rank mean is the 1-rank mean.
+        dtype = torch.promote_types(logits_real.dtype, self.ema_real.dtype)
+        means = torch.stack([logits_real.detach().to(dtype).mean(), logits_fake.detach().to(dtype).mean()])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(means)
             means /= torch.distributed.get_world_size()

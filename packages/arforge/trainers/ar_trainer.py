@@ -26,10 +26,9 @@ from arforge.ar_model import subtoken_loss
 from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
-from arforge.trainers.common import (EMA, InfiniteLoader, Schedule, ShardedEMA, TrainLoop, _unwrap, param_groups,
-                                     set_lr)
-
-PARALLEL = ("auto", "none", "ddp", "fsdp")
+from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, param_groups, set_lr
+from arforge.trainers.parallel import (PARALLEL, FSDPModelState, FSDPOptimState, ShardedEMA, _unwrap,
+                                       fully_shard_units, uses_fsdp, wrap_ddp)
 
 
 def _collate_codes(batch):
@@ -101,67 +100,10 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: nn.Module, dataset) -> Non
 
 
 def _wrap(model: nn.Module, parallel: str, ctx) -> nn.Module:
-    if not ctx.dist.enabled or parallel == "none":
-        return model
-    if parallel in ("ddp", "auto"):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    # Gradients are reduced in fp32 under bf16/fp16 autocast, and in the parameters' own dtype
-    # otherwise (an fp64 model, as the 2-rank equivalence test uses, keeps fp64 reductions).
-    mixed = ctx.precision.name != "fp32"
-    mp = MixedPrecisionPolicy(param_dtype=ctx.precision.dtype if mixed else None,
-                              reduce_dtype=torch.float32 if mixed else None)
-    inner = _unwrap(model)
-    blocks = list(getattr(inner.backbone, "layers", []))
-    for block in blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(inner, mp_policy=mp)
-    return inner
-
-
-def _full_state(model: nn.Module, parallel: str, ctx) -> dict[str, torch.Tensor]:
-    if ctx.dist.enabled and parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _unwrap(model).state_dict()
-
-
-class _FSDPModelState:
-    """Adapts an FSDP-sharded model to TrainLoop's state_dict/load_state_dict protocol with full tensors."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_state_dict(self, sd) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
-
-
-class _FSDPOptimState:
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
-        self.model, self.opt = model, opt
-
-    def state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.opt,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_state_dict(self, sd) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(self.model, self.opt, sd, options=StateDictOptions(full_state_dict=True))
+    if uses_fsdp(ctx, parallel):  # one FSDP unit per transformer block, as LlamaGen's/IAR2's FSDP recipes
+        inner = _unwrap(model)
+        return fully_shard_units(inner, list(getattr(inner.backbone, "layers", [])), ctx)
+    return wrap_ddp(model, ctx, parallel)
 
 
 def train_ar(
@@ -233,7 +175,7 @@ def train_ar(
     inner = model
     fac = inner.factorization
     wrapped = _wrap(model, parallel, ctx)
-    fsdp = ctx.dist.enabled and parallel == "fsdp"
+    fsdp = uses_fsdp(ctx, parallel)
     opt = torch.optim.AdamW(param_groups(inner, weight_decay=weight_decay, rule=decay_rule), lr=lr, betas=betas,
                             fused=device.type == "cuda")
     schedule = Schedule(kind=lr_schedule, total_steps=steps, warmup_steps=warmup_steps, end_factor=end_factor)
@@ -242,10 +184,10 @@ def train_ar(
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
                             world_size=ctx.dist.world_size, num_workers=num_workers,
                             collate_fn=_collate_images if tokenizer is not None else _collate_codes)
-    weights: dict[str, Any] = {"model": _FSDPModelState(wrapped) if fsdp else inner}
+    weights: dict[str, Any] = {"model": FSDPModelState(wrapped) if fsdp else inner}
     if ema is not None:
         weights["ema"] = ema if fsdp else ema.model
-    optimizers: dict[str, Any] = {"opt": _FSDPOptimState(wrapped, opt) if fsdp else opt}
+    optimizers: dict[str, Any] = {"opt": FSDPOptimState(wrapped, opt) if fsdp else opt}
     loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=optimizers,
                      extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
                      save_every=save_every, keep_last=keep_last, log_every=log_every,

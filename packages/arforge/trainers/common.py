@@ -34,6 +34,7 @@ from torch import nn
 
 from arforge import checkpoint as ck
 from arforge.errors import ArforgeError
+from arforge.trainers.parallel import _local, _unwrap, any_rank, barrier, gather_objects, rank_world
 
 
 class DivergenceError(ArforgeError):
@@ -79,81 +80,6 @@ class EMA:
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         self.model.load_state_dict(sd, strict=True)
-
-
-class ShardedEMA:
-    """The EMA of an FSDP-sharded model, kept sharded: each rank averages its own shards.
-
-    The average is elementwise, so the EMA of a shard is the shard of the EMA, and the
-    update needs no communication and 1/world of the memory of a full copy (what XL/XXL
-    training on 40-80 GB cards needs). ``state_dict`` gathers full tensors (a collective:
-    every rank calls it, as ``TrainLoop.save`` does) under the model's own names, so the
-    checkpoint is the one a single-process run writes; ``load_state_dict`` keeps each
-    rank's shard of the full tensors. Buffers are replicated under FSDP and copied as-is.
-    """
-
-    def __init__(self, model: nn.Module, *, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self.model = model
-        self.shadow = {n: _local(p).detach().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(_local(p).detach().to(self.shadow[name].dtype), 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        params = dict(self.model.named_parameters())
-        out: dict[str, torch.Tensor] = {}
-        for name, value in self.model.state_dict().items():
-            if name in params:
-                p = params[name]
-                if _is_dtensor(p):
-                    from torch.distributed.tensor import DTensor
-
-                    value = DTensor.from_local(self.shadow[name], p.device_mesh, p.placements, shape=p.shape,
-                                               stride=p.stride()).full_tensor()
-                else:
-                    value = self.shadow[name]
-            elif _is_dtensor(value):
-                value = value.full_tensor()
-            out[name] = value.detach().cpu().clone()
-        return out
-
-    @torch.no_grad()
-    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        expected = set(self.model.state_dict())
-        if set(sd) != expected:
-            raise ck.CheckpointError(f"the EMA weights do not fit the model: missing "
-                                     f"{sorted(expected - set(sd))[:8]}, unexpected {sorted(set(sd) - expected)[:8]}")
-        for name, p in params.items():
-            full = sd[name].to(device=self.shadow[name].device, dtype=self.shadow[name].dtype)
-            if _is_dtensor(p):
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full, p.device_mesh, p.placements).to_local()
-            self.shadow[name].copy_(full)
-
-
-def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 # -------------------------------------------------------------- decay groups
@@ -489,7 +415,7 @@ class TrainLoop:
         starts a stream of its own, seeded from (step, rank), and the log says the resume
         is not exact.
         """
-        rank, world = _rank_world(self.ctx)
+        rank, world = rank_world(self.ctx)
         per_rank = state.get("rng_per_rank")
         if per_rank is not None and len(per_rank) == world:
             set_rng_state(per_rank[rank])
@@ -524,12 +450,12 @@ class TrainLoop:
                 break
             skipped.append((path, bad))
         if skipped:
-            _barrier(self.ctx)  # every rank has read the checkpoints before rank 0 moves any
+            barrier(self.ctx)  # every rank has read the checkpoints before rank 0 moves any
             for path, bad in skipped:
                 if self.ctx.is_main:
                     moved = ck.quarantine_checkpoint(path)
                     self.ctx.log(f"not resuming from {path}: {bad} holds NaN/inf; moved it to {moved}")
-            _barrier(self.ctx)
+            barrier(self.ctx)
         return chosen
 
     def save(self) -> Path | None:
@@ -539,12 +465,12 @@ class TrainLoop:
         rng = rng_state()
         state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "extra": {n: o.state_dict() for n, o in self.extra.items()},
-                 "rng": rng, "rng_per_rank": _gather_objects(self.ctx, rng), "step": self.step}
+                 "rng": rng, "rng_per_rank": gather_objects(self.ctx, rng), "step": self.step}
         # Checked on every rank (ranks without a full copy find nothing) and agreed on, so all
         # ranks stop together instead of the others waiting in the next collective.
         bad = ck.first_non_finite(weights) or ck.first_non_finite(state["optimizers"], "optimizer") \
             or ck.first_non_finite(state["extra"], "extra")
-        if _any_rank(self.ctx, bad is not None):
+        if any_rank(self.ctx, bad is not None):
             raise self._diverged(NonFiniteWeightsError,
                                  f"{bad or 'a tensor on another rank'} holds NaN/inf after step {self.step}",
                                  f"refused to write checkpoint step_{self.step:08d}; the run stopped")
@@ -556,7 +482,7 @@ class TrainLoop:
                                       config=self.config, keep_last=self.keep_last)
         # Once save returns, the checkpoint exists for every rank: a rank that stops (or reads it)
         # right after cannot race rank 0's write.
-        _barrier(self.ctx)
+        barrier(self.ctx)
         return path
 
     # ------------------------------------------------------------ guard
@@ -585,7 +511,7 @@ class TrainLoop:
             except (AttributeError, RuntimeError, TypeError):
                 norms = [p.abs().max() for p in params]
             finite = bool(torch.isfinite(torch.stack([n.float().to(params[0].device) for n in norms])).all())
-        if not _any_rank(self.ctx, not finite):
+        if not any_rank(self.ctx, not finite):
             return
         bad = None
         for name, obj in self.weights.items():
@@ -656,44 +582,6 @@ def _named_parameters(obj: Any) -> list[tuple[str, torch.Tensor]]:
     return [(n, p.detach()) for n, p in _unwrap(module).named_parameters()]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _param_groups(opt: Any) -> list[dict[str, Any]]:
     inner = getattr(opt, "opt", opt)  # FSDP optimizer-state adapter
     return list(getattr(inner, "param_groups", []))
-
-
-def _any_rank(ctx: Any, flag: bool) -> bool:
-    """``flag`` on any rank (an all-reduce under torchrun), so every rank stops together."""
-    dist = getattr(ctx, "dist", None)
-    if dist is None or not getattr(dist, "enabled", False):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _rank_world(ctx: Any) -> tuple[int, int]:
-    dist = getattr(ctx, "dist", None)
-    if dist is None or not getattr(dist, "enabled", False):
-        return 0, 1
-    return int(dist.rank), int(dist.world_size)
-
-
-def _gather_objects(ctx: Any, obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (a collective under torchrun)."""
-    rank, world = _rank_world(ctx)
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(ctx: Any) -> None:
-    dist = getattr(ctx, "dist", None)
-    if dist is not None and getattr(dist, "enabled", False):
-        torch.distributed.barrier()

@@ -18,6 +18,7 @@ step every iteration on the joint gradient, clipped separately.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ from arforge import checkpoint as ck
 from arforge import validation as V
 from arforge.errors import ArforgeError
 from arforge.metrics import adm
-from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, _unwrap, set_lr
+from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, set_lr
+from arforge.trainers.parallel import (PARALLEL, FSDPModelState, FSDPOptimState, ShardedEMA, _unwrap,
+                                       all_reduce_grads, fully_shard_units, uses_fsdp, wrap_ddp)
 from arforge.viz import reconstruction_grid
 
 
@@ -46,19 +49,6 @@ def _clip(params: Sequence[nn.Parameter], max_norm: float | None) -> torch.Tenso
     if not max_norm or not params:
         return None
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def _all_reduce_grads(params: Sequence[nn.Parameter], ctx) -> None:
-    """Average the gradients of ``params`` over ranks (a missing gradient counts as zero)."""
-    if not ctx.dist.enabled:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= ctx.dist.world_size
 
 
 def _skipped(dataset) -> int:
@@ -154,6 +144,7 @@ def train_tokenizer(
     lr_milestones: Sequence[int] = (),
     lr_gamma: float = 0.1,
     ema_decay: float | None = None,
+    parallel: str = "auto",
     save_every: int = 0,
     keep_last: int = 2,
     log_every: int = 10,
@@ -182,6 +173,9 @@ def train_tokenizer(
         lr_milestones / lr_gamma: multiply both learning rates by gamma at these iterations
             (Open-MAGVIT2's x0.1 after epochs 200 and 250, converted to iterations).
         ema_decay: EMA of the generator (0.9999 LlamaGen optional, 0.999 Open-MAGVIT2); None = off.
+        parallel: ``auto`` (DDP under torchrun, as upstream), ``ddp``, ``fsdp`` (each top-level part
+            of the tokenizer -- encoder, quantizer, decoder, ... -- and the discriminator become FSDP
+            units; the EMA stays sharded) or ``none``.
         save_every / keep_last: checkpoint period (iterations) and how many to keep.
         log_every / eval_every: metric and reconstruction-grid periods.
         eval_images / grid_images: validation images for metrics / for the picture.
@@ -196,7 +190,7 @@ def train_tokenizer(
         "jobs.train_tokenizer", locals(), where=ctx,
         steps=V.POSITIVE_INT, batch_size=V.POSITIVE_INT, lr=V.POSITIVE_FLOAT, disc_lr=V.optional(V.POSITIVE_FLOAT),
         grad_clip=V.optional(V.POSITIVE_FLOAT), lr_milestones=V.sequence_of(V.POSITIVE_INT),
-        lr_gamma=V.POSITIVE_FLOAT, ema_decay=V.optional(V.DECAY), save_every=V.NON_NEGATIVE_INT,
+        lr_gamma=V.POSITIVE_FLOAT, ema_decay=V.optional(V.DECAY), parallel=V.choice(*PARALLEL), save_every=V.NON_NEGATIVE_INT,
         keep_last=V.POSITIVE_INT, log_every=V.POSITIVE_INT, eval_every=V.NON_NEGATIVE_INT,
         eval_images=V.NON_NEGATIVE_INT, grid_images=V.NON_NEGATIVE_INT, num_workers=V.NON_NEGATIVE_INT,
         init_from=V.optional(V.PATH), stage_cycle=V.optional(V.choice("iar2")), log_checkpoint=V.BOOL)
@@ -216,6 +210,21 @@ def train_tokenizer(
             if "loss" in loaded.weights:
                 loss.load_state_dict(loaded.weights["loss"], strict=True)
 
+    fsdp = uses_fsdp(ctx, parallel)
+    # Under FSDP only rank 0 evaluates, on an unsharded copy refreshed from the gathered weights.
+    eval_copy = copy.deepcopy(tokenizer) if fsdp and ctx.is_main and val_dataset is not None else None
+    if fsdp:
+        # Every top-level part is its own unit, so the calls IAR2's semantic-only pass makes past
+        # the tokenizer's forward (encode_features, quantize, decode_features) gather their weights.
+        fully_shard_units(tokenizer, [m for m in tokenizer.children() if next(m.parameters(), None) is not None], ctx)
+        if disc is not None:
+            fully_shard_units(disc, [], ctx)
+        gen_model, disc_model = tokenizer, disc
+    else:
+        gen_model = wrap_ddp(tokenizer, ctx, parallel, find_unused_parameters=stage_cycle == "iar2")
+        disc_model = wrap_ddp(disc, ctx, parallel) if disc is not None else None
+
+    # After sharding: FSDP replaces the parameters with sharded ones.
     named = dict(_unwrap(tokenizer).named_parameters())
     if stage_cycle == "iar2":
         for name in (semantic_codebook, detail_codebook):
@@ -232,23 +241,16 @@ def train_tokenizer(
     base_lr = {k: (disc_lr or lr) if k == "disc" else lr for k in optimizers}
     schedule = Schedule(kind="step", milestones=tuple(lr_milestones), gamma=lr_gamma)
 
-    gen_model: nn.Module = tokenizer
-    disc_model = disc
-    if ctx.dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        gen_model = DDP(tokenizer, device_ids=ids, find_unused_parameters=stage_cycle == "iar2")
-        if disc is not None:
-            disc_model = DDP(disc, device_ids=ids)
-
-    ema = EMA(tokenizer, decay=ema_decay) if ema_decay else None
+    ema = (ShardedEMA(tokenizer, decay=ema_decay) if fsdp else EMA(tokenizer, decay=ema_decay)) if ema_decay else None
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
                             world_size=ctx.dist.world_size, num_workers=num_workers, collate_fn=_collate_images)
-    weights: dict[str, Any] = {"model": tokenizer, "loss": loss}
+    weights: dict[str, Any] = {"model": FSDPModelState(tokenizer) if fsdp else tokenizer,
+                               "loss": FSDPModelState(loss) if fsdp else loss}
     if ema is not None:
-        weights["ema"] = ema.model
-    loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=optimizers,
+        weights["ema"] = ema if fsdp else ema.model
+    states = {k: FSDPOptimState(disc if k == "disc" else tokenizer, opt) if fsdp else opt
+              for k, opt in optimizers.items()}
+    loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=states,
                      extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
                      save_every=save_every, keep_last=keep_last, log_every=log_every,
                      config={"job": "train_tokenizer", "codebook_sizes": list(_unwrap(tokenizer).codebook_sizes),
@@ -256,6 +258,17 @@ def train_tokenizer(
                      lr_options={"jobs.train_tokenizer.lr": lr,
                                  **({"jobs.train_tokenizer.disc_lr": disc_lr} if disc_lr else {})})
     loop.maybe_resume()
+
+    def eval_model() -> nn.Module | None:
+        """The model rank 0 evaluates (None elsewhere); every rank calls it (gathers are collectives)."""
+        if not fsdp:
+            return (ema.model if ema is not None else _unwrap(tokenizer)) if ctx.is_main else None
+        full = weights["ema" if ema is not None else "model"].state_dict()
+        if eval_copy is None:
+            return None
+        eval_copy.load_state_dict(full, strict=True)
+        return eval_copy
+
     perceptual = getattr(loss, "perceptual", None)
     bar = loop.progress()
     tokenizer.train()
@@ -293,7 +306,9 @@ def train_tokenizer(
             scaler.scale(gs.total).backward()
             # This pass calls the unwrapped tokenizer (its semantic-only path is not the wrapper's
             # forward), so DDP does not average these gradients: all-reduce them here, before clipping.
-            _all_reduce_grads(groups["e1"], ctx)
+            # (FSDP units reduce their gradients in their own backward hooks.)
+            if not fsdp:
+                all_reduce_grads(groups["e1"], ctx)
             _clip(groups["e1"], grad_clip)
             g_sem = [p.grad.detach().clone() if p.grad is not None else None for p in groups["e1"]]
         for k in groups:
@@ -350,16 +365,19 @@ def train_tokenizer(
             t_last, images_since = now, 0
             ctx.tracker.log_metrics(metrics, step=loop.step)
             bar.set_postfix(loss=f"{float(g.total.detach()):.4f}")
-        if eval_every and loop.step % eval_every == 0 and val_dataset is not None and ctx.is_main:
-            _eval_and_log(ctx, tokenizer, ema, val_dataset, loop.step, eval_images, grid_images, perceptual)
+        if eval_every and loop.step % eval_every == 0 and val_dataset is not None:
+            model = eval_model()
+            if model is not None:
+                _eval_and_log(ctx, model, val_dataset, loop.step, eval_images, grid_images, perceptual)
         if loop.should_save():
             loop.save()
     bar.close()
     final = loop.save()
     results: dict[str, float] = {}
+    model = eval_model() if val_dataset is not None else None
     if ctx.is_main:
-        if val_dataset is not None:
-            results = _eval_and_log(ctx, tokenizer, ema, val_dataset, loop.step, eval_images, grid_images,
+        if model is not None:
+            results = _eval_and_log(ctx, model, val_dataset, loop.step, eval_images, grid_images,
                                     perceptual, final=True)
         if log_checkpoint and final is not None:
             ctx.tracker.log_artifact(final, "checkpoint")
@@ -372,9 +390,8 @@ def _has_checkpoint(ctx) -> bool:
     return ck.last_finite_checkpoint(Path(ctx.output_dir) / "checkpoints") is not None
 
 
-def _eval_and_log(ctx, tokenizer, ema, val_dataset, step, eval_images, grid_images, perceptual,
+def _eval_and_log(ctx, model, val_dataset, step, eval_images, grid_images, perceptual,
                   final: bool = False) -> dict[str, float]:
-    model = ema.model if ema is not None else _unwrap(tokenizer)
     res = evaluate_tokenizer(model, val_dataset, device=ctx.device, max_images=eval_images,
                              perceptual=perceptual)
     prefix = "val/"

@@ -1,4 +1,5 @@
-"""Two ranks (gloo, CPU) against one: EMA under DDP and FSDP, and exact 2-rank resume for both trainers.
+"""The AR trainer on two ranks (gloo, CPU) against one: EMA under DDP and FSDP, and exact 2-rank
+resume (the tokenizer trainer's are in test_tokenizer_two_ranks.py).
 
 Runs that must agree with a one-process run (same global batch) are compared in float64:
 an all-reduce sums the same per-sample gradients in another order, and Adam turns fp32
@@ -10,34 +11,32 @@ on the same machine: there arforge controls every op.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from arforge import checkpoint as ck
 from arforge.data.extraction import local_context
-
-GRID = 4
-
-
-class Killed(Exception):
-    """Stands in for a SIGKILL right after a checkpoint."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from two_ranks import Killed, one_thread, run_on_ranks
 
 
 def _codes():
-    from test_ar_trainer import CodesDataset
+    from test_ar_trainer import _fixed_data
 
-    g = torch.Generator().manual_seed(5)
-    return CodesDataset(torch.randint(0, 256, (32, GRID * GRID, 1), generator=g), torch.arange(32) % 10)
+    return _fixed_data()
+
+
+class LossTracker:
+    def __init__(self):
+        self.losses = []
+
+    def log_metrics(self, m, step=None):
+        if "train/loss" in m:
+            self.losses.append(m["train/loss"])
+
+    def set_tags(self, t):
+        pass
 
 
 def _ar_model(dropout: float):
@@ -84,26 +83,11 @@ def _train_ar(out, *, parallel="none", batch_size, dropout=0.0, save_every=0, ki
     model = _ar_model(dropout)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.manual_seed(7 + rank)  # as a launch seeds each rank (seed + rank): the ranks' streams differ
-    train_ar(local_context(Path(out)), model=model, dataset=_codes(), batch_size=batch_size,
+    tracker = LossTracker()
+    train_ar(local_context(Path(out), tracker=tracker), model=model, dataset=_codes(), batch_size=batch_size,
              parallel=parallel, save_every=save_every, **AR_KW)
-
-
-def _worker(rank, world, port, fn, kwargs):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.manual_seed(1000 + rank)  # a fresh process: nothing may depend on the RNG it starts with
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(**kwargs)
-    except Killed:
-        pass  # the "killed" run ends here on every rank, after its checkpoint
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _two_ranks(fn, **kwargs) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), fn, kwargs), nprocs=2, join=True)
+    if rank == 0:
+        torch.save(tracker.losses, Path(out) / "losses.pt")
 
 
 def _weights(out, name):
@@ -119,20 +103,21 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_ar_ema_on_two_ranks_matches_one_rank(tmp_path, parallel):
-    """EMA under DDP and FSDP (sharded there, gathered into the checkpoint) equals the 1-rank EMA."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _train_ar(tmp_path / "one", batch_size=8)
-    finally:
-        torch.set_num_threads(n)
-    _two_ranks(_train_ar, out=tmp_path / "two", parallel=parallel, batch_size=4)
-    one, two = _weights(tmp_path / "one", "ema"), _weights(tmp_path / "two", "ema")
-    _assert_close(one, two, atol=1e-9)
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, parallel):
+    """Losses, weights and EMA (sharded under FSDP, gathered into the checkpoint) equal the 1-rank run's."""
+    one_thread(_train_ar, out=tmp_path / "one", batch_size=8)
+    run_on_ranks(_train_ar, tmp_path, out=tmp_path / "two", parallel=parallel, batch_size=4)
+    # Step 1 checks the data split (the two rank batches make the one-process batch), later steps
+    # the gradient reduction; rank 0 logs the global-batch loss. A missing all-reduce or a wrong
+    # split moves the weights by ~lr = 1e-3.
+    one, two = torch.load(tmp_path / "one" / "losses.pt"), torch.load(tmp_path / "two" / "losses.pt")
+    assert len(one) == len(two) == AR_KW["steps"]
+    assert two == pytest.approx(one, rel=1e-9)
+    for name in ("model", "ema"):
+        _assert_close(_weights(tmp_path / "one", name), _weights(tmp_path / "two", name), atol=1e-9)
     # and the EMA is not the raw weights (decay 0.5 over 4 steps leaves them apart)
-    raw = _weights(tmp_path / "two", "model")
-    assert any(not torch.allclose(raw[k], two[k]) for k in raw if raw[k].is_floating_point())
+    raw, ema = _weights(tmp_path / "two", "model"), _weights(tmp_path / "two", "ema")
+    assert any(not torch.allclose(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
 
 
 def _ar_resume_scenario(out, parallel):
@@ -154,7 +139,7 @@ def _ar_resume_scenario(out, parallel):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_ar_two_rank_resume_equals_uninterrupted_two_rank_run(tmp_path, parallel):
     """Each rank restores its own RNG streams: dropout and label dropout continue as if never stopped."""
-    _two_ranks(_ar_resume_scenario, out=str(tmp_path), parallel=parallel)
+    run_on_ranks(_ar_resume_scenario, tmp_path, out=str(tmp_path), parallel=parallel)
     assert ck.load_checkpoint(tmp_path / "part" / "checkpoints").step == 4
     for name in ("model", "ema"):
         full, resumed = _weights(tmp_path / "full", name), _weights(tmp_path / "part", name)
