@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -246,6 +247,8 @@ def test_study_of_8_trials_logs_nested_runs_tags_best_and_reproduces(tmp_path, c
     parents, runs = _mlflow_runs("quad8")
     assert len(parents) == 1
     parent = parents[0]
+    from mlflow.tracking import MlflowClient
+
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(nested) == 8 and len(runs) == 9
     assert sorted(r.info.run_name for r in nested) == [f"trial-{i:04d}" for i in range(8)]
@@ -254,11 +257,20 @@ def test_study_of_8_trials_logs_nested_runs_tags_best_and_reproduces(tmp_path, c
     # Parent run: the study's settings as params, best value metric, plots.
     assert parent.data.params["study.objective"] == "loss"
     assert parent.data.params["study.n_trials"] == "8"
-    assert parent.data.params["space.jobs.studyquad.x"] == "float(-3.0, 3.0)"
+    # The search ranges, once, on the parent; each searched gin parameter under one name everywhere.
+    space = MlflowClient().download_artifacts(parent.info.run_id, "study_space.json")
+    ranges = json.loads(Path(space).read_text())
+    assert {n: r["range"] for n, r in ranges.items()} == {"jobs.studyquad.x": "float(-3.0, 3.0)",
+                                                          "jobs.studyquad.y": "float(-2.0, 2.0)"}
+    assert json.loads(parent.data.tags["arforge.space"]) == ["jobs.studyquad.x", "jobs.studyquad.y"]
+    assert not [k for k in parent.data.params if k.startswith("space.")]
+    for r in nested:
+        number = int(r.data.tags["arforge.trial_number"])
+        assert set(st.trials[number].params) == {"jobs.studyquad.x", "jobs.studyquad.y"}
+        assert float(r.data.params["jobs.studyquad.x"]) == st.trials[number].params["jobs.studyquad.x"]
+        assert not [k for k in r.data.params if k.startswith(("trial.", "space."))]
     assert parent.data.metrics["best_loss"] == pytest.approx(st.best_value)
     assert parent.info.status == "FINISHED"
-    from mlflow.tracking import MlflowClient
-
     plots = {Path(a.path).name for a in MlflowClient().list_artifacts(parent.info.run_id, "plots")}
     assert {"optimization_history.png", "slice.png", "param_importances.png", "contour.png"} <= plots
 
@@ -271,7 +283,7 @@ def test_study_of_8_trials_logs_nested_runs_tags_best_and_reproduces(tmp_path, c
     assert parent.data.tags["arforge.best_run_id"] == best.info.run_id
 
     # Reproduce the best trial from its logged params alone.
-    bindings = [f"{k[len('trial.'):]} = {v}" for k, v in best.data.params.items() if k.startswith("trial.")]
+    bindings = [f"{k} = {best.data.params[k]}" for k in json.loads(parent.data.tags["arforge.space"])]
     assert len(bindings) == 2
     again = launch.run_file(tmp_path / "launch" / "quad.gin", bindings)
     assert again["loss"] == pytest.approx(st.best_value, rel=1e-12)

@@ -250,7 +250,7 @@ def _expect_study(lf: tl.LaunchFile, world: tl.World) -> None:
     launch = tl.describe(lf.study_launch)
     for number, point in enumerate(cfg.enqueue):  # enqueued points run first, as given
         want = space_bindings(cfg.space, point)
-        got = {k: trials[number].data.params[f"trial.{k}"] for k in want}
+        got = {k: trials[number].data.params[k] for k in want}
         assert {k: ast.literal_eval(v) for k, v in got.items()} == {k: ast.literal_eval(v) for k, v in want.items()}
     values = {}
     for trial in trials:
@@ -258,7 +258,7 @@ def _expect_study(lf: tl.LaunchFile, world: tl.World) -> None:
         out = world.home / "outputs" / cfg.experiment / trial.info.run_name
         _own_folder(trial, out)
         stages = _expect_pipeline(launch, world, trial, out)
-        suggested = {k[len("trial."):]: v for k, v in trial.data.params.items() if k.startswith("trial.")}
+        suggested = {k: trial.data.params[k] for k in json.loads(parent.data.tags["arforge.space"])}
         assert set(suggested) == set(space_bindings(cfg.space, {n: s.example() for n, s in cfg.space.items()}))
         for name, value in suggested.items():  # each suggestion reached every stage that binds it
             bound = [s.data.params[f"gin.{name}"] for s in stages.values() if f"gin.{name}" in s.data.params]

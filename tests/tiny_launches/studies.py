@@ -183,8 +183,8 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
         assert (searched.low, searched.high, searched.log) == (bounds["low"], bounds["high"], bounds["log"]), \
             (name, searched, bounds)  # the file's range, as Optuna searched it
         assert bounds["low"] <= value <= bounds["high"], (name, value, bounds)
-        assert math.isclose(float(params[f"trial.{_base(name)}"].strip("()").split(",")[_index(name) or 0]),
-                            value, rel_tol=1e-9), (name, params[f"trial.{_base(name)}"], value)
+        assert math.isclose(float(params[_base(name)].strip("()").split(",")[_index(name) or 0]),
+                            value, rel_tol=1e-9), (name, params[_base(name)], value)
         suggested.setdefault(_base(name), {})[_index(name)] = value
     stages = [r for r in tl.child_runs(world, trial.info.run_id)] if launch.job == "jobs.pipeline" else [trial]
     assert len(stages) == len(_stages(launch)), [s.info.run_name for s in stages]
