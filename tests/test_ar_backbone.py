@@ -57,7 +57,7 @@ def test_rmsnorm_is_fp32_then_cast_back():
 
 # ------------------------------------------------------------------- rope
 def _slow_rope_table(g: int, hd: int, cls: int = 1) -> torch.Tensor:
-    """The §2.1 table written out cell by cell, pair by pair, in float64."""
+    """The docs/llamagen.md#2d-rope table written out cell by cell, pair by pair, in float64."""
     quarter = hd // 4
     out = torch.zeros(cls + g * g, hd // 2, 2, dtype=torch.float64)
     for r in range(g):
@@ -124,7 +124,7 @@ def test_iar2_repeat_interleave_token_t_uses_cell_t_div_2():
     assert rep.shape == plain.shape and torch.count_nonzero(rep[0]) == 0
     for t in range(g * g):  # token t sits at sequence index t + 1
         assert torch.equal(rep[1 + t], plain[1 + t // 2]), t
-    # the head slots (§2.6): zero, identity, identity under the quirk; cell 1 without it
+    # the head slots (docs/open_magvit2.md#next-sub-token-head): zero, identity, identity under the quirk; cell 1 without it
     identity = torch.stack([torch.ones(hd // 2), torch.zeros(hd // 2)], -1)
     slots = subtoken_freqs_cis(n_slots=3, head_dim=hd, repeat_interleave=True)
     assert torch.count_nonzero(slots[0]) == 0 and torch.equal(slots[1], identity) and torch.equal(slots[2], identity)
@@ -217,7 +217,7 @@ def test_decode_step_matches_math_sdpa_kernel():
 
 
 def test_class_attention_identity():
-    """§9.5: with the zero class key, a_n = 1 / Σ_m exp(score_m) and a_0 = 1."""
+    """docs/iar2.md#sampling: with the zero class key, a_n = 1 / Σ_m exp(score_m) and a_0 = 1."""
     bb = _backbone()
     x = torch.randn(2, 16, 32)
     bb.setup_cache(max_batch=2, dtype=torch.float32, device="cpu")
@@ -258,7 +258,7 @@ def test_label_embedder_null_class_and_dropout():
 
 
 # ------------------------------------------------------------------ presets
-SPEC_SIZES = {  # ar_models.md §3 tables, to the spec's rounding
+SPEC_SIZES = {  # docs/llamagen.md#model-sizes tables, to the spec's rounding
     ("llamagen_gpt", "B"): "110.9M", ("llamagen_gpt", "L"): "342.9M", ("llamagen_gpt", "XL"): "774.7M",
     ("llamagen_gpt", "XXL"): "1.411B", ("llamagen_gpt", "XXXL"): "3.893B", ("llamagen_gpt", "1B"): "1.200B",
     ("llamagen_gpt", "3B"): "3.097B", ("llamagen_gpt", "7B"): "6.615B",

@@ -1,4 +1,4 @@
-"""Strict official AR key maps: LlamaGen/IAR GPT, Open-MAGVIT2 AR, IAR2 GPT (checkpoints.md §3, §5, §7)."""
+"""Strict official AR key maps: LlamaGen/IAR GPT, Open-MAGVIT2 AR, IAR2 GPT (docs/checkpoints.md#llamagen-and-iar-gpt, docs/checkpoints.md#open-magvit2-ar, docs/checkpoints.md#iar2-gpt)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _block(prefix: str, D: int, F: int) -> dict[str, tuple]:
 
 
 def llamagen_layout(n_layer: int, D: int, V: int = 16384) -> dict[str, tuple]:
-    """checkpoints.md §3 table."""
+    """docs/checkpoints.md#llamagen-and-iar-gpt table."""
     F = ffn_hidden_size(D)
     out = {"cls_embedding.embedding_table.weight": (1001, D), "tok_embeddings.weight": (V, D),
            "norm.weight": (D,), "output.weight": (V, D)}
@@ -34,7 +34,7 @@ def llamagen_layout(n_layer: int, D: int, V: int = 16384) -> dict[str, tuple]:
 
 
 def om2_layout(n_layer: int, n_intra: int, D: int, V0: int = 64, V1: int = 4096) -> dict[str, tuple]:
-    """checkpoints.md §5 table."""
+    """docs/checkpoints.md#open-magvit2-ar table."""
     F = ffn_hidden_size(D)
     out = {"transformer.pre_emb.weight": (V0, D), "transformer.post_emb.weight": (V1, D),
            "transformer.class_emb.embedding_table.weight": (1001, D), "transformer.norm.weight": (D,),
@@ -47,7 +47,7 @@ def om2_layout(n_layer: int, n_intra: int, D: int, V0: int = 64, V1: int = 4096)
 
 
 def iar2_layout(n_layer: int, D: int, Vs: int = 256, Vd: int = 4096) -> dict[str, tuple]:
-    """checkpoints.md §7 table."""
+    """docs/checkpoints.md#iar2-gpt table."""
     F, c = ffn_hidden_size(D), D // 12
     out = {
         "cls_embedding.embedding_table.weight": (1001, D), "tok_embeddings1.weight": (Vs, D),

@@ -24,7 +24,7 @@ def _model(family: str, **kw) -> ARModel:
         m = ar_presets.open_magvit2_ar("tiny", factorized_bits=(2, 3), block_size=16, **kw)
     else:
         m = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=25, **kw)
-    for p in m.parameters():  # the output layers start at zero (§1.5): make every logit informative
+    for p in m.parameters():  # the output layers start at zero (docs/llamagen.md#llama-backbone): make every logit informative
         torch.nn.init.normal_(p, std=0.1)
     return m.eval()
 
@@ -116,7 +116,7 @@ def test_caches_are_allocated_once_and_reused(family):
     m.setup_caches(batch=3, cfg=False)  # other sizes: new buffers
     assert {k: v.data_ptr() for k, v in m.cache_tensors().items()} != before
     first = next(v for k, v in m.cache_tensors().items() if k.startswith("backbone."))
-    assert first.shape[0] == 3 and first.shape[2] == find_multiple(1 + m.block_size, 8)  # §8 S_max
+    assert first.shape[0] == 3 and first.shape[2] == find_multiple(1 + m.block_size, 8)  # docs/llamagen.md#kv-cache S_max
     head_caches = [v for k, v in m.cache_tensors().items() if k.endswith("k_cache") and k.startswith("head.")]
     assert all(v.shape[2] == m.head.n_slots for v in head_caches)  # sized to the head's slots
 
@@ -150,7 +150,7 @@ def test_head_shares_the_input_embedding_tensor(family, emb, head_attr):
 
 # --------------------------------------------------------------- IAR2 window
 def _slow_window(g: int, i: int, j: int) -> list[int]:
-    """§5.3.4 written out: rows i-2 and i-1 over columns j-2..j+2, then (i, j-2), (i, j-1)."""
+    """docs/iar2.md#input-aggregation-and-local-context-head written out: rows i-2 and i-1 over columns j-2..j+2, then (i, j-2), (i, j-1)."""
     cells = [(i - 2, j + dc) for dc in (-2, -1, 0, 1, 2)] + [(i - 1, j + dc) for dc in (-2, -1, 0, 1, 2)]
     cells += [(i, j - 2), (i, j - 1)]
     return [r * g + c if 0 <= r < g and 0 <= c < g else -1 for r, c in cells]

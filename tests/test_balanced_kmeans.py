@@ -1,4 +1,4 @@
-"""IAR balanced k-means and codebook reordering (tokenizers.md §4, upstream_pitfalls.md C10)."""
+"""IAR balanced k-means and codebook reordering (docs/iar.md#codebook-clustering)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def codebook(k: int, d: int, seed: int = 0) -> torch.Tensor:
 
 
 def slow_reference(raw: torch.Tensor, n: int, m: int, seed: int, max_iter: int = 100):
-    """Spec §4 written out with Python loops and float64 distances."""
+    """docs/iar.md#codebook-clustering written out with Python loops and float64 distances."""
     vecs = F.normalize(raw.float(), dim=-1)
     pts = vecs.double().tolist()
     k = len(pts)
@@ -106,7 +106,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_duplicate_rows_still_give_a_permutation():
-    """Upstream matches rows at distance < 1e-6 and breaks on duplicates (C10); bookkeeping does not."""
+    """Upstream matches rows at distance < 1e-6 and breaks on duplicates (docs/iar.md#codebook-clustering); bookkeeping does not."""
     base = codebook(16, 4)
     raw = torch.cat([base, base])  # every row twice
     res = balanced_kmeans(raw, 4, 8, seed=0)

@@ -49,7 +49,7 @@ class Spy:
 def test_guidance_is_on_iff_some_scale_differs_from_one():
     assert ConstantCFG(scale=1.5).guided and not ConstantCFG(scale=1.0).guided
     assert ConstantCFG(scale=(1.0, 2.0)).guided and not ConstantCFG(scale=(1.0, 1.0)).guided
-    assert ConstantCFG(scale=0.5).guided  # < 1 is guidance too (upstream tests > 1 only, E2)
+    assert ConstantCFG(scale=0.5).guided  # < 1 is guidance too (upstream tests > 1 only, docs/llamagen.md#cfg-batch-layout)
     assert IntervalCFG(scale=2.0, interval=0).guided and not IntervalCFG(scale=1.0).guided
     assert LinearCFG(start=1.0, end=3.0).guided and not LinearCFG(start=1.0, end=1.0).guided
     assert AdaptiveAttentionCFG().guided
@@ -59,7 +59,7 @@ def test_guidance_is_on_iff_some_scale_differs_from_one():
 
 
 def test_constant_per_subtoken_scales():
-    s = ConstantCFG(scale=(1.9, 2.0))  # Open-MAGVIT2-B (pre, post), §10
+    s = ConstantCFG(scale=(1.9, 2.0))  # Open-MAGVIT2-B (pre, post), docs/llamagen.md#sampling-defaults
     assert [s.scale(k, 5, 256, INFO) for k in (0, 1)] == [1.9, 2.0]
     assert ConstantCFG(scale=1.75).scale(1, 0, 576, INFO) == 1.75
     with pytest.raises(ConfigError, match="2 per-sub-token values"):
@@ -84,7 +84,7 @@ def test_interval_guides_tokens_zero_to_interval():
 @pytest.mark.parametrize("cfg_interval", [-1, -3, -0.5, 0, 0.5, 4, 7.9, 20])
 def test_interval_from_upstream_matches_llamagen_loop(cfg_interval):
     """LlamaGen: token 0 is the guided prefill; decode index i samples token i + 1 and drops
-    guidance when cfg_interval > -1 and i > cfg_interval (ar_models.md §9.3)."""
+    guidance when cfg_interval > -1 and i > cfg_interval (docs/llamagen.md#sampling)."""
     L = 16
     upstream = [True] + [not (cfg_interval > -1 and i > cfg_interval) for i in range(L - 1)]
     s = IntervalCFG.from_upstream(cfg_scale=2.0, cfg_interval=cfg_interval)
@@ -143,7 +143,7 @@ def test_adaptive_params_and_named_scales():
     assert s.pairs == ((1.7, 2.9), (1.6, 3.1))
     assert s.params() == {"cfg.sampler": "adaptive_attention", "cfg.w_attn": 0.05, "cfg.scale1_1": 1.7,
                           "cfg.scale1_2": 2.9, "cfg.scale2_1": 1.6, "cfg.scale2_2": 3.1}
-    assert AdaptiveAttentionCFG().pairs == ((1.75, 3.0), (1.75, 3.0))  # the IAR2 README (§10)
+    assert AdaptiveAttentionCFG().pairs == ((1.75, 3.0), (1.75, 3.0))  # the IAR2 README (docs/llamagen.md#sampling-defaults)
     assert AdaptiveAttentionCFG(scales=((1.0, 2.0),)).pairs == ((1.0, 2.0),)
     with pytest.raises(ConfigError, match="not both"):
         AdaptiveAttentionCFG(scales=((1.0, 2.0), (1.0, 2.0)), sem_start=1.5)

@@ -1,4 +1,4 @@
-"""Feature extractors (evaluation.md §2, §6, §7): Inception wiring without real weights, the digits classifier."""
+"""Feature extractors (docs/evaluation.md#adm-evaluator-semantics, docs/evaluation.md#testing-metric-code, docs/evaluation.md#weights): Inception wiring without real weights, the digits classifier."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_random_inception_builds_offline_with_adm_feature_shapes(inception_file,
     images = np.random.default_rng(0).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
     f = net.features(images)
     assert f.pool.shape == (2, 2048) and f.logits.shape == (2, 1008) and f.spatial.shape == (2, 2023)
-    # IS logits: pool_3 @ W with no bias (evaluation.md §2.5); the random fc bias is non-zero
+    # IS logits: pool_3 @ W with no bias (docs/evaluation.md#inception-score); the random fc bias is non-zero
     w, b = net.net.fc.weight.double().numpy(), net.net.fc.bias.double().numpy()
     np.testing.assert_allclose(f.logits, f.pool.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
     assert np.abs(f.logits - (f.pool @ w.T + b)).max() > 1e-2

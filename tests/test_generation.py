@@ -1,4 +1,4 @@
-"""Generation: §9.1 logit processing against slow references, seeded and guided decoding, cache vs no cache."""
+"""Generation: docs/llamagen.md#logit-processing logit processing against slow references, seeded and guided decoding, cache vs no cache."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class FixedScale:
 
 # ------------------------------------------------------------- slow references
 def _slow_filter(row: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
-    """§9.1 steps 2–4 on one row of Python floats."""
+    """docs/llamagen.md#logit-processing steps 2–4 on one row of Python floats."""
     x = [v / temperature for v in row]
     V = len(x)
     if top_k > 0:
@@ -132,7 +132,7 @@ def test_cfg_combine_conditional_first_and_scale_one_is_the_conditional_logits()
     c, u = torch.randn(3, 10), torch.randn(3, 10)
     both = torch.cat([c, u])
     assert torch.allclose(combine_cfg(both, 2.5), u + 2.5 * (c - u))
-    assert torch.equal(combine_cfg(both, 1.0), c)  # exactly ℓ_c (pitfall E2)
+    assert torch.equal(combine_cfg(both, 1.0), c)  # exactly ℓ_c (docs/llamagen.md#cfg-batch-layout)
     per = torch.tensor([1.0, 2.0, 0.5])
     got = combine_cfg(both, per)
     assert torch.equal(got[0], c[0]) and torch.allclose(got[1], u[1] + 2 * (c[1] - u[1]))

@@ -32,7 +32,7 @@ def _build_from_gin(stem: str, bindings: list[str] | None = None):
 
 
 def _tiny(stem: str, *, grad_checkpointing: bool = False, dtype=torch.float64):
-    """The tiny preset with every weight random (the §1.5 init zeroes the output layers, which
+    """The tiny preset with every weight random (the docs/llamagen.md#llama-backbone init zeroes the output layers, which
     would leave the backbone's gradients zero and the comparison vacuous)."""
     _, factory = FAMILIES[stem]
     torch.manual_seed(0)

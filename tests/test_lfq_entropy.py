@@ -1,4 +1,4 @@
-"""LFQ entropy terms (tokenizers.md §2.8-2.9a): every exact form against a brute-force softmax."""
+"""LFQ entropy terms (docs/open_magvit2.md#lfq-entropy-losses, docs/open_magvit2.md#computing-the-entropy-exactly): every exact form against a brute-force softmax."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_uniform_limit_reaches_ln_codebook_size():
 
 # --------------------------------------------------------------- reference values
 def test_spec_reference_values():
-    """tokenizers.md §2.9a: seed 0, randn(2, 18, 16, 16), train mode, fp32."""
+    """docs/open_magvit2.md#computing-the-entropy-exactly: seed 0, randn(2, 18, 16, 16), train mode, fp32."""
     torch.manual_seed(0)
     z = torch.randn(2, 18, 16, 16)
     out = LookupFreeQuantizer().train()(z)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.plumbing  # no floating-point result compared across ke
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "gin" / "models").glob("*.gin"))
 
-#: ar_models.md §3 tables (computed counts, in millions; RoPE tables are buffers, not parameters).
+#: docs/llamagen.md#model-sizes tables (computed counts, in millions; RoPE tables are buffers, not parameters).
 EXPECTED_M = {"llamagen_b": 110.9, "llamagen_l": 342.9, "llamagen_xl": 774.7, "llamagen_xxl": 1411.0,
               "llamagen_3b": 3097.0, "open_magvit2_b": 343.6, "open_magvit2_l": 804.4, "open_magvit2_xl": 1487.0,
               "iar2_b": 143.1, "iar2_l": 408.2, "iar2_xl": 884.3, "iar2_xxl": 1570.0}

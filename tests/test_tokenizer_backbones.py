@@ -1,4 +1,4 @@
-"""Tokenizer backbones: LlamaGen VQ (tokenizers.md §1), Open-MAGVIT2 (§2) and the generic VQTokenizer.
+"""Tokenizer backbones: LlamaGen VQ (docs/llamagen.md#tokenizer), Open-MAGVIT2 (docs/open_magvit2.md#tokenizer) and the generic VQTokenizer.
 
 The real quantizers live in their own plugins; these tests use small test-local
 quantizers with the same interface (``arforge.interfaces.Quantizer``).
@@ -19,7 +19,7 @@ from arforge_plugins.vq_tokenizer import VQTokenizer
 
 # ------------------------------------------------------ test-local quantizers
 class NearestVQ(nn.Module):
-    """Stand-in for LlamaGen's l2-normalised VQ (§1.5): cosine-nearest code, straight-through."""
+    """Stand-in for LlamaGen's l2-normalised VQ (docs/llamagen.md#vector-quantizer): cosine-nearest code, straight-through."""
 
     def __init__(self, *, codebook_size: int, dim: int) -> None:
         super().__init__()
@@ -48,7 +48,7 @@ class NearestVQ(nn.Module):
 
 
 class SignQuantizer(nn.Module):
-    """Stand-in for LFQ (§2.7): sign quantisation, LSB-first ids, no state."""
+    """Stand-in for LFQ (docs/open_magvit2.md#lfq-and-token-ids): sign quantisation, LSB-first ids, no state."""
 
     def __init__(self, *, dim: int = 18) -> None:
         super().__init__()
@@ -80,7 +80,7 @@ def test_llamagen_paper_parameter_counts_on_meta():
         vq16 = lg.llamagen_vq_tokenizer(preset="vq16", quantizer=NearestVQ(codebook_size=16384, dim=8))
         vq8 = lg.llamagen_vq_tokenizer(preset="vq8", quantizer=NearestVQ(codebook_size=16384, dim=8))
     assert next(vq16.parameters()).is_meta
-    assert abs(n_params(vq16) - 71.9e6) < 0.05e6, n_params(vq16)  # tokenizers.md §1.1: ~71.9M computed
+    assert abs(n_params(vq16) - 71.9e6) < 0.05e6, n_params(vq16)  # docs/llamagen.md#tokenizer: ~71.9M computed
     assert abs(n_params(vq8) - 70.1e6) < 0.05e6, n_params(vq8)  # ~70.1M computed
     assert vq16.downsample == 16 and vq8.downsample == 8
 
@@ -90,10 +90,10 @@ def test_open_magvit2_paper_parameter_counts_on_meta():
         enc = om.open_magvit2_encoder(preset="256")
         dec = om.open_magvit2_decoder(preset="256")
         v1 = om.open_magvit2_encoder(preset="v1_256")
-    assert abs(n_params(enc) - 49.8e6) < 0.05e6, n_params(enc)  # tokenizers.md §2.1
+    assert abs(n_params(enc) - 49.8e6) < 0.05e6, n_params(enc)  # docs/open_magvit2.md#tokenizer
     assert abs(n_params(dec) - 65.4e6) < 0.05e6, n_params(dec)
     assert n_params(v1) < n_params(enc)  # v1: 2 blocks per level
-    # no bias in ResBlock convs or conv_in (§2.2-2.3); bias in the downsample and conv_out
+    # no bias in ResBlock convs or conv_in (docs/open_magvit2.md#encoder-and-decoder); bias in the downsample and conv_out
     names = dict(enc.named_parameters())
     assert "conv_in.bias" not in names and "down.0.block.0.conv1.bias" not in names
     assert "down.0.downsample.bias" in names and "conv_out.bias" in names
@@ -167,7 +167,7 @@ def test_bad_sizes_and_quantizer_widths_are_clear_errors():
 
 # ------------------------------------------------------------ building blocks
 def dcr_reference(x: torch.Tensor, s: int = 2) -> torch.Tensor:
-    """out[c, s*y+i, s*x+j] = in[(s*i+j)*C + c, y, x], written out with loops (tokenizers.md §2.6)."""
+    """out[c, s*y+i, s*x+j] = in[(s*i+j)*C + c, y, x], written out with loops (docs/open_magvit2.md#upsampler)."""
     b, cs2, h, w = x.shape
     c = cs2 // (s * s)
     out = torch.empty(b, c, h * s, w * s, dtype=x.dtype)

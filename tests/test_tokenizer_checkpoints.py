@@ -1,4 +1,4 @@
-"""Strict official tokenizer key maps (checkpoints.md §1.4, §2, §4, §6, §8).
+"""Strict official tokenizer key maps (docs/checkpoints.md#strict-mapping-rules, docs/checkpoints.md#llamagen-vq-tokenizer, docs/checkpoints.md#open-magvit2-tokenizer, docs/checkpoints.md#iar2-tokenizer, docs/checkpoints.md#what-each-strict-map-covers).
 
 The expected official layouts are generated here from the spec tables,
 independently of the arforge modules' own ``state_dict`` naming.
@@ -26,7 +26,7 @@ Shape = tuple[int, ...]
 def official_llamagen_vq_layout(*, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), z: int = 256, dim: int = 8,
                                 codebook: int = 16384, enc_blocks: int = 2, dec_blocks: int = 3,
                                 detail_codebook: int | None = None) -> dict[str, Shape]:
-    """checkpoints.md §2 (and §6 with ``detail_codebook``): key -> shape of the ``model`` entry."""
+    """docs/checkpoints.md#llamagen-vq-tokenizer (and docs/checkpoints.md#iar2-tokenizer with ``detail_codebook``): key -> shape of the ``model`` entry."""
     out: dict[str, Shape] = {}
 
     def conv(name, o, i, k):
@@ -82,7 +82,7 @@ def official_llamagen_vq_layout(*, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), z: in
 
 def official_open_magvit2_layout(*, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), blocks: int = 4,
                                  z: int = 18) -> dict[str, Shape]:
-    """checkpoints.md §4 generator keys: key -> shape of ``state_dict`` (``encoder.*``/``decoder.*``)."""
+    """docs/checkpoints.md#open-magvit2-tokenizer generator keys: key -> shape of ``state_dict`` (``encoder.*``/``decoder.*``)."""
     out: dict[str, Shape] = {}
 
     def norm(name, c):
@@ -126,7 +126,7 @@ def official_open_magvit2_layout(*, ch: int = 128, ch_mult=(1, 1, 2, 2, 4), bloc
 
 
 def official_discriminator_layout(ndf: int = 64) -> dict[str, Shape]:
-    """tokenizers.md §5.1: ``main.{0,2,3,5,6,8,9,11}``."""
+    """docs/llamagen.md#discriminator-and-gan-loss: ``main.{0,2,3,5,6,8,9,11}``."""
     out: dict[str, Shape] = {"main.0.weight": (ndf, 3, 4, 4), "main.0.bias": (ndf,),
                              "main.11.weight": (1, 8 * ndf, 4, 4), "main.11.bias": (1,)}
     for conv, bn, i, o in ((2, 3, ndf, 2 * ndf), (5, 6, 2 * ndf, 4 * ndf), (8, 9, 4 * ndf, 8 * ndf)):
@@ -162,7 +162,7 @@ class Codebook(nn.Module):
 
 
 class Stateless(nn.Module):
-    """LFQ holds no persistent state (checkpoints.md §4)."""
+    """LFQ holds no persistent state (docs/checkpoints.md#open-magvit2-tokenizer)."""
 
     dim = 18
     codebook_sizes = (2 ** 18,)

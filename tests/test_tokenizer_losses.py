@@ -1,4 +1,4 @@
-"""Tokenizer losses (tokenizers.md §5): PatchGAN, GAN objectives, LeCAM, offline LPIPS, the composer."""
+"""Tokenizer losses (docs/llamagen.md#losses): PatchGAN, GAN objectives, LeCAM, offline LPIPS, the composer."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_patchgan_parameter_count_layout_and_output_size_on_meta():
     with torch.device("meta"):
         d = tl.patchgan_discriminator()
         logits = d(torch.empty(2, 3, 256, 256))
-    assert sum(p.numel() for p in d.parameters()) == 2_765_633  # tokenizers.md §5.1
+    assert sum(p.numel() for p in d.parameters()) == 2_765_633  # docs/llamagen.md#discriminator-and-gan-loss
     assert logits.shape == (2, 1, 30, 30)
     kinds = [type(m).__name__ for m in d.main]
     assert kinds == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d", "BatchNorm2d",

@@ -143,7 +143,7 @@ def test_iar2_stage2_starts_from_stage1_and_steps_e1_every_third_iteration(tmp_p
                                    preset="tiny")
     ctx1 = local_context(tmp_path / "s1")
     loss1 = tokenizer_loss(recipe="iar2_stage1", lpips_weight=0, gen_weight=0, disc_weight=0)
-    assert loss1.pixel_weight == 0.0  # IAR2 stage 1 has no pixel loss (pitfall C9)
+    assert loss1.pixel_weight == 0.0  # IAR2 stage 1 has no pixel loss (docs/iar2.md#stage-1)
     loss1 = tokenizer_loss(recipe="iar2_stage1", lpips_weight=0, gen_weight=0, disc_weight=0, pixel_weight=1.0)
     train_tokenizer(ctx1, tokenizer=stage1, loss=loss1, dataset=digits[0], steps=4, batch_size=8, lr=1e-3,
                     log_checkpoint=False)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Benchmark the LFQ training losses at K = 18 bits: time and peak memory, forward + backward.
 
-Spec: ``shared/specs/tokenizers.md`` §2.8-2.9a, ``upstream_pitfalls.md`` C1. Methods:
+See docs/open_magvit2.md#lfq-entropy-losses, docs/open_magvit2.md#computing-the-entropy-exactly. Methods:
 
-* ``arforge``          -- arforge's exact computation: closed-form H_sample + bit-split H_codebook (§2.9.2-3);
-* ``arforge_chunked``  -- arforge's exact chunked-over-codes H_codebook (§2.9.4);
+* ``arforge``          -- arforge's exact computation: closed-form H_sample + bit-split H_codebook (docs/open_magvit2.md#computing-the-entropy-exactly);
+* ``arforge_chunked``  -- arforge's exact chunked-over-codes H_codebook (docs/open_magvit2.md#computing-the-entropy-exactly);
 * ``naive``            -- upstream Open-MAGVIT2's N x 2^K softmax, written out here (logits, probs,
                           log-probs, in fp32 on the CPU);
 * ``vqp``              -- vector-quantize-pytorch's ``LFQ`` (optional; skipped with a message if not installed).

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Benchmark class-conditional sampling: images/s and tokens/s with CFG on, with and without the KV cache.
 
-Spec: ``shared/specs/ar_models.md`` §8 (where the time goes), §9 (generation),
-``upstream_pitfalls.md`` E3. Models have random weights (§1.5 initialisation);
+See docs/llamagen.md#kv-cache (where the time goes), docs/llamagen.md#sampling (generation),
+docs/llamagen.md#kv-cache. Models have random weights (docs/llamagen.md#llama-backbone initialisation);
 the speed does not depend on them. Per model:
 
 * **cached** -- :func:`arforge.generation.generate` (caches allocated once), with the
   family's CFG sampler (LlamaGen constant 2.0, Open-MAGVIT2 (1.9, 2.0), IAR2 adaptive
-  attention-guided 1.75 -> 3.0, w_attn 0.05: §10). Each decode step is split into the
+  attention-guided 1.75 -> 3.0, w_attn 0.05: docs/llamagen.md#sampling-defaults). Each decode step is split into the
   backbone step, the head's sub-steps (sub-step k runs up to the logits of sub-token k)
   and the logit processing + sampling of each sub-token. ``--steps N`` decodes only the
   first N positions and extrapolates ``median step x L`` (the median resists other
@@ -91,7 +91,7 @@ def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[ARModel,
     if family not in FAMILIES:
         raise SystemExit(f"unknown model {name!r}: use <family>-<size> with family in {', '.join(FAMILIES)}")
     torch.manual_seed(0)
-    model = FAMILIES[family][0](size)  # the family's default vocabulary and block size (§3)
+    model = FAMILIES[family][0](size)  # the family's default vocabulary and block size (docs/llamagen.md#model-sizes)
     return model.to(device=device, dtype=dtype).eval(), family
 
 

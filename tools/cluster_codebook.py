@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cluster a VQ codebook with IAR's balanced k-means and write the reordered codebook and mapping.
 
-Spec: ``shared/specs/tokenizers.md`` §4 (IAR ``balance_k_means.py``). Reads the
+See docs/iar.md#codebook-clustering (IAR ``balance_k_means.py``). Reads the
 codebook from
 
 * an arforge safetensors weights file,

@@ -12,7 +12,7 @@
 
 Runs ``jobs.make_reference`` (``arforge.evaluation.jobs``) as an MLflow run of
 experiment ``--experiment`` (default ``references``). The images are converted
-by rounding (``to_uint8``, evaluation.md §3), shuffled with
+by rounding (``to_uint8``, docs/evaluation.md#sample-files), shuffled with
 ``np.random.default_rng(--seed).permutation``, optionally subsampled
 (``--num-images``) and resized (``--resize``: bicubic, no antialiasing, as the
 sample protocol), and written uncompressed next to ``arr_1`` (labels). With

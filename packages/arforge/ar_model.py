@@ -1,6 +1,6 @@
 """The class-conditional AR model: class embedder + token embedder + Llama backbone + head.
 
-``shared/specs/ar_models.md`` §4–§9. One class serves LlamaGen/IAR (identity
+See docs/llamagen.md#ar-model and the method pages. One class serves LlamaGen/IAR (identity
 factorization, linear head), Open-MAGVIT2 (bit split, next-sub-token head) and
 IAR2 (semantic/detail pairs, local-context head); the parts are plugins (the
 factorization builds the token embedder, the head owns everything after the
@@ -14,11 +14,11 @@ Training
 ``forward(sub_tokens, labels) -> ARForwardOutput``
     Teacher forcing. The input sequence is [cls(y), e_0 … e_{L-2}] (the model
     shifts internally), labels are dropped to the null class with p = 0.1 in
-    train mode (§4); ``logits`` is a list of K fp32 tensors (B, L, V_k) where
+    train mode (docs/llamagen.md#class-conditioning); ``logits`` is a list of K fp32 tensors (B, L, V_k) where
     position t predicts token t (sub-token heads are teacher-forced on the
-    earlier sub-tokens of the same position, §5.2, §5.3).
+    earlier sub-tokens of the same position, docs/open_magvit2.md#next-sub-token-head, docs/iar2.md#input-aggregation-and-local-context-head).
 ``loss(sub_tokens, labels, weights=None) -> LossBreakdown``
-    Σ_k w_k·CE_k (§6), plus λ·CE(cluster) when the model was built with
+    Σ_k w_k·CE_k (docs/iar.md#cluster-oriented-loss), plus λ·CE(cluster) when the model was built with
     ``cluster_size`` (IAR). Parts hold the unweighted terms.
 
 Generation (what the samplers build on)
@@ -26,7 +26,7 @@ Generation (what the samplers build on)
 ``setup_caches(*, batch, cfg, dtype=None, device=None)``
     Allocates every cache once: the backbone KV caches at (Bc, H_kv, S_max, hd)
     with Bc = 2·batch when ``cfg`` else batch and S_max = find_multiple(1 + L, 8)
-    (§8), plus each head's own caches (sized to its number of slots) and IAR2's
+    (docs/llamagen.md#kv-cache), plus each head's own caches (sized to its number of slots) and IAR2's
     window history. Calling it again with the same sizes keeps the buffers.
 ``decode_step(n, prev, labels, choose, *, record_cls_attention=False) -> (B, K)``
     Decodes position n (0 … L-1), feeding positions in order from 0.
@@ -34,10 +34,10 @@ Generation (what the samplers build on)
     ``prev`` (B, K) holds token n-1 (``None`` at n = 0, where the input is the
     class embedding). For each sub-token k the head calls
     ``choose(k, logits, info) -> (B,) int64`` with ``logits`` (Bc, V_k) fp32 in
-    the [cond; uncond] layout (§9.2) and ``info`` a :class:`DecodeInfo` (n, L and,
+    the [cond; uncond] layout (docs/llamagen.md#cfg-batch-layout) and ``info`` a :class:`DecodeInfo` (n, L and,
     with ``record_cls_attention``, ``attn_cls`` (B,): the last backbone layer's
     head-averaged attention to the class token from the conditional half,
-    §9.5). The model duplicates the chosen tokens for both halves. Nothing is
+    docs/iar2.md#sampling). The model duplicates the chosen tokens for both halves. Nothing is
     allocated in the caches per step. Call it in eval mode, under no_grad.
 ``logits_full(sub_tokens, labels)``
     The no-cache reference: the teacher-forced logits without label dropout.
@@ -121,7 +121,7 @@ class ARHead(Protocol):
 
 # ====================================================================== losses
 def cluster_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, *, cluster_size: int) -> torch.Tensor:
-    """IAR's cluster-oriented CE (§6): CE(logsumexp over each cluster, t // cluster_size).
+    """IAR's cluster-oriented CE (docs/iar.md#cluster-oriented-loss): CE(logsumexp over each cluster, t // cluster_size).
 
     Equals the mean of −log Σ_{k ∈ cluster(t)} p_k. logits (..., V), tokens (...).
     """
@@ -137,7 +137,7 @@ def subtoken_loss(logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor, *,
                   cluster_size: int | None = None, cluster_weight: float = 1.0) -> LossBreakdown:
     """Σ_k w_k·CE(logits_k, sub_tokens[..., k]) (+ cluster_weight·cluster CE on sub-token 0).
 
-    Each CE is a mean over tokens (§6). ``parts`` are the unweighted terms, named
+    Each CE is a mean over tokens (docs/llamagen.md#losses). ``parts`` are the unweighted terms, named
     ``ce_<name>`` (and ``cce``).
     """
     k_count = len(logits)
@@ -182,14 +182,14 @@ class ARModel(nn.Module):
         Args:
             factorization: tokenizer ids <-> sub-tokens, and the input token embedder
                 (``build_embedder``); its ``vocab_sizes`` must equal the head's.
-            backbone: the decoder stack (§1, §2); its width must equal the head's.
-            head: the output head plugin (§5).
-            num_classes: classes of the label embedder (§4: 1000, plus the null row).
-            class_dropout_p: label dropout to the null class in training (§4: 0.1).
-            loss_weights: per-sub-token CE weights (§6; IAR2's ``--w1`` is the first).
-            cluster_size: IAR cluster-oriented loss on sub-token 0 (§6: 128), or None.
-            cluster_loss_weight: its λ (§6: ``--lambda-cce`` = 1).
-            init_weights: apply §1.5 initialisation (N(0, 0.02), zero output layers).
+            backbone: the decoder stack (docs/llamagen.md#llama-backbone, docs/llamagen.md#2d-rope); its width must equal the head's.
+            head: the output head plugin (docs/llamagen.md#ar-model).
+            num_classes: classes of the label embedder (docs/llamagen.md#class-conditioning: 1000, plus the null row).
+            class_dropout_p: label dropout to the null class in training (docs/llamagen.md#class-conditioning: 0.1).
+            loss_weights: per-sub-token CE weights (docs/iar2.md#losses; IAR2's ``--w1`` is the first).
+            cluster_size: IAR cluster-oriented loss on sub-token 0 (docs/iar.md#cluster-oriented-loss: 128), or None.
+            cluster_loss_weight: its λ (docs/iar.md#cluster-oriented-loss: ``--lambda-cce`` = 1).
+            init_weights: apply docs/llamagen.md#llama-backbone initialisation (N(0, 0.02), zero output layers).
         """
         super().__init__()
         vocab = tuple(factorization.vocab_sizes)
@@ -209,7 +209,7 @@ class ARModel(nn.Module):
         self.embedder = factorization.build_embedder(dim=backbone.dim)
         self.backbone = backbone
         self.head = head
-        if head.tied_subtoken is not None:  # one tensor shared with the input embedding (checkpoints.md §1.4.5)
+        if head.tied_subtoken is not None:  # one tensor shared with the input embedding (docs/checkpoints.md#strict-mapping-rules)
             head.tie_embedding(self.embedder.sub_embedding(head.tied_subtoken))
         self.loss_weights = tuple(loss_weights) if loss_weights is not None else (1.0,) * len(vocab)
         if len(self.loss_weights) != len(vocab):
@@ -222,7 +222,7 @@ class ARModel(nn.Module):
 
     # ------------------------------------------------------------------ basics
     def initialize_weights(self) -> None:
-        """§1.5: every Linear/Embedding ~ N(0, 0.02), biases 0, norms 1, the output layers zero."""
+        """docs/llamagen.md#llama-backbone: every Linear/Embedding ~ N(0, 0.02), biases 0, norms 1, the output layers zero."""
         init_llama_weights(self)
         self.head.zero_init_outputs()
 
@@ -235,14 +235,14 @@ class ARModel(nn.Module):
         return self.cls_embedding.null_class
 
     def guided_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B,) -> (2B,) = [y; null] (§9.2)."""
+        """(B,) -> (2B,) = [y; null] (docs/llamagen.md#cfg-batch-layout)."""
         return torch.cat([labels, torch.full_like(labels, self.null_class)])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
-        """Switch a RoPE quirk (§2.4, §2.5) in the backbone and the head alike."""
+        """Switch a RoPE quirk (docs/llamagen.md#2d-rope, docs/iar2.md#the-repeat-interleaved-rope-table) in the backbone and the head alike."""
         self.backbone.configure_rope(cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
         if hasattr(self.head, "configure_rope"):
             self.head.configure_rope(cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)

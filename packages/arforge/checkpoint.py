@@ -18,7 +18,7 @@ tensors and plain Python data, never pickled objects.
 Foreign checkpoints (LlamaGen, IAR, IAR2, Open-MAGVIT2) are loaded with
 ``torch.load(weights_only=True)`` inside an explicit allow-list
 (``argparse.Namespace``, which the upstream trainers pickle under ``args``; see
-``shared/specs/checkpoints.md`` §1.1). Anything else is refused with the list of
+docs/checkpoints.md#safe-deserialisation). Anything else is refused with the list of
 globals the file needs, never executed.
 """
 
@@ -439,7 +439,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def unwrap_container(obj: Any, *, prefer: str = "model") -> tuple[dict[str, torch.Tensor], str]:
-    """Find the weights inside an upstream container (``checkpoints.md`` §1.2).
+    """Find the weights inside an upstream container (docs/checkpoints.md#containers).
 
     Returns ``(state_dict, where)``, where ``where`` names the entry used.
     """

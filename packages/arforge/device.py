@@ -132,7 +132,7 @@ class Precision:
 def full_precision(device_type: str) -> Iterator[None]:
     """Disable autocast on the CPU, CUDA and the tensors' own device: quantizer lookups and
     entropy terms run in fp32 whatever precision the surrounding step uses
-    (``tokenizers.md`` §2.9a: under bf16 autocast upstream's entropies are off by 3x)."""
+    (docs/open_magvit2.md#computing-the-entropy-exactly: under bf16 autocast upstream's entropies are off by 3x)."""
     with contextlib.ExitStack() as stack:
         for dt in dict.fromkeys(("cpu", "cuda", device_type)):
             try:

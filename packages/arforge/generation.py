@@ -1,29 +1,29 @@
 """Class-conditional generation: logit processing, the guided decode loop, decoding to images.
 
-``shared/specs/ar_models.md`` §8–§10 and ``upstream_pitfalls.md`` E. One loop
+See docs/llamagen.md#sampling (and its KV-cache and sampling-defaults sections). One loop
 serves the three families: it drives :meth:`arforge.ar_model.ARModel.decode_step`
 position by position and, for each sub-token, asks a *sampler* (a CFG schedule,
 ``plugins/arforge_plugins/cfg_samplers.py``) for the guidance scale and applies
 :func:`process_logits`.
 
-Logit processing (§9.1), per sub-token and in this order
+Logit processing (docs/llamagen.md#logit-processing), per sub-token and in this order
     1. CFG combine on raw logits, ℓ = ℓ_u + s·(ℓ_c − ℓ_u), with the
-       [conditional; unconditional] batch layout of §9.2; where s = 1 the
-       result is ℓ_c itself, not a recomputation (pitfall E2);
-    2. temperature T > 0 (greedy decoding is the explicit ``greedy`` mode, E4/E5);
+       [conditional; unconditional] batch layout of docs/llamagen.md#cfg-batch-layout; where s = 1 the
+       result is ℓ_c itself, not a recomputation (docs/llamagen.md#cfg-batch-layout);
+    2. temperature T > 0 (greedy decoding is the explicit ``greedy`` mode);
     3. top-k: k' = min(max(k, 1), V), logits strictly below the k'-th largest
        become −∞ (ties at the threshold survive);
     4. top-p: sort (descending, stable), cumulative softmax, mark > p, shift the
        mark right by one (the top token and the first token crossing p stay);
     5. softmax, then one multinomial draw per row (or the argmax when greedy).
 
-Guidance is decided once per :func:`generate` call (``sampler.guided``, E2):
+Guidance is decided once per :func:`generate` call (``sampler.guided``, docs/llamagen.md#cfg-batch-layout):
 when it is on, the batch is doubled for every position and sub-token, and a
 sub-token whose scale is 1 simply gets ℓ_c. The random numbers consumed do
 not depend on guidance (one draw of B rows per sub-token either way), so with
 every scale at 1 a guided run gives the tokens of an unguided one.
 
-``cfg_interval`` (LlamaGen, E7): once a sampler's guidance has ended, the
+``cfg_interval`` (LlamaGen, docs/llamagen.md#sampling): once a sampler's guidance has ended, the
 combine is skipped (the scale is 1, so ℓ_c is used), but the unconditional
 half is still computed: :class:`~arforge.ar_model.ARModel` fixes the batch
 layout, its caches and the IAR2 window history at ``setup_caches``, and has no
@@ -80,7 +80,7 @@ class CFGSampler(Protocol):
     ``guided`` is decided from the settings alone (any scale ≠ 1 at any step);
     ``scale(k, n, L, info)`` returns the scale of sub-token k at position n as a
     float or a (B,) tensor (per sample); ``needs_cls_attention`` asks the model to
-    record the class-token attention into ``info.attn_cls`` (IAR2, §9.5);
+    record the class-token attention into ``info.attn_cls`` (IAR2, docs/iar2.md#sampling);
     ``params()`` is a flat dict for MLflow.
     """
 
@@ -104,15 +104,15 @@ class NoGuidance:
         return {"cfg.sampler": "none"}
 
 
-# ================================================================ §9.1 logits
+# ================================================================ docs/llamagen.md#logit-processing logits
 def combine_cfg(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """(2B, V) [cond; uncond] -> (B, V): ℓ_u + s·(ℓ_c − ℓ_u), and exactly ℓ_c where s = 1 (E2).
+    """(2B, V) [cond; uncond] -> (B, V): ℓ_u + s·(ℓ_c − ℓ_u), and exactly ℓ_c where s = 1.
 
     ``scale`` is a number or a (B,) tensor (per-sample scales, IAR2's adaptive CFG).
     """
     if logits.dim() != 2 or logits.shape[0] % 2:
         raise GenerationError(f"guided logits must be (2B, V) in the [conditional; unconditional] layout "
-                              f"(ar_models.md §9.2), got {tuple(logits.shape)}")
+                              f"(docs/llamagen.md#cfg-batch-layout), got {tuple(logits.shape)}")
     cond, uncond = logits.chunk(2)  # (B, V) each: conditional half first
     if not isinstance(scale, torch.Tensor):
         s = float(scale)
@@ -128,10 +128,10 @@ def combine_cfg(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tens
 
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (§9.1 steps 2–4) on (B, V) logits; returns a new tensor."""
+    """Temperature, then top-k, then top-p (docs/llamagen.md#logit-processing steps 2–4) on (B, V) logits; returns a new tensor."""
     if not temperature > 0:
         raise GenerationError(f"temperature must be > 0 (got {temperature}); for greedy decoding use "
-                              "SubTokenSampling(greedy=True) (upstream_pitfalls.md E5)")
+                              "SubTokenSampling(greedy=True) (docs/llamagen.md#logit-processing)")
     x = at_least_fp32(logits) / temperature
     V = x.shape[-1]
     if top_k > 0:
@@ -148,7 +148,7 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
 
 def sample_tokens(logits: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-    """softmax, then one multinomial draw per row (§9.1 step 5): (B, V) -> (B,) int64.
+    """softmax, then one multinomial draw per row (docs/llamagen.md#logit-processing step 5): (B, V) -> (B,) int64.
 
     ``generator`` is one generator for the batch, or B generators (one stream
     per row; see the module docstring).
@@ -167,7 +167,7 @@ def sample_tokens(logits: torch.Tensor, generator: Generators = None) -> torch.T
 
 def process_logits(logits: torch.Tensor, *, cfg_scale: float | torch.Tensor = 1.0, guided: bool,
                    sampling: SubTokenSampling, generator: Generators = None) -> torch.Tensor:
-    """§9.1 for one sub-token: (Bc, V) fp32 logits -> (B,) int64 tokens.
+    """docs/llamagen.md#logit-processing for one sub-token: (Bc, V) fp32 logits -> (B,) int64 tokens.
 
     With ``guided`` the logits are (2B, V) [cond; uncond] and are combined with
     ``cfg_scale`` (a number or a (B,) tensor); without it they are (B, V) and the
@@ -180,7 +180,7 @@ def process_logits(logits: torch.Tensor, *, cfg_scale: float | torch.Tensor = 1.
         logits = combine_cfg(logits, cfg_scale)
     elif not _is_one(cfg_scale):
         raise GenerationError(f"cfg_scale {cfg_scale!r} with guided=False: guidance is decided once per generate "
-                              "call (upstream_pitfalls.md E2); pass guided=True with [cond; uncond] logits")
+                              "call (docs/llamagen.md#cfg-batch-layout); pass guided=True with [cond; uncond] logits")
     if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
@@ -278,7 +278,7 @@ def generate(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None
              seed: int | None = None, generator: Generators = None, record_cls_attention: bool | str = "auto",
              num_positions: int | None = None, dtype: torch.dtype | None = None,
              progress: bool = False) -> torch.Tensor:
-    """Sample sub-tokens for ``labels`` with the KV caches (§8, §9).
+    """Sample sub-tokens for ``labels`` with the KV caches (docs/llamagen.md#kv-cache, docs/llamagen.md#sampling).
 
     Args:
         model: an :class:`ARModel` in eval mode.
@@ -303,7 +303,7 @@ def generate(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None
         raise GenerationError(f"{type(sampler).__name__} needs the class-token attention: "
                               "leave record_cls_attention='auto' (or True)")
     model.setup_caches(batch=B, cfg=guided, dtype=dtype, device=labels.device)  # reused when sizes match
-    lab = model.guided_labels(labels) if guided else labels  # (Bc,) [y; null] (§9.2)
+    lab = model.guided_labels(labels) if guided else labels  # (Bc,) [y; null] (docs/llamagen.md#cfg-batch-layout)
     out = torch.empty(B, N, model.num_subtokens, dtype=torch.int64, device=labels.device)
     prev = None
     for n in _positions(N, progress, "generate"):
@@ -319,7 +319,7 @@ def no_cache_step(model: ARModel, tokens: torch.Tensor, labels_c: torch.Tensor, 
 
     ``tokens`` (B, ≥ n+1, K) holds positions < n; position n is filled in place
     sub-token by sub-token (the heads are teacher-forced on the earlier
-    sub-tokens of the same position, §5.2–5.3). ``labels_c`` are (Bc,). The
+    sub-tokens of the same position, docs/open_magvit2.md#next-sub-token-head, docs/iar2.md#input-aggregation-and-local-context-head). ``labels_c`` are (Bc,). The
     backbone runs once per position; sub-tokens k ≥ 1 rerun only the head.
     Returns position n's (B, K) sub-tokens.
     """
@@ -369,7 +369,7 @@ def decode_tokens(tokenizer: Any, factorization: Any, sub_tokens: torch.Tensor,
     ``factorization.merge`` gives the tokenizer ids, ``tokenizer.decode`` the
     images. With ``eval_size`` they are resized bicubically with
     ``align_corners=False`` and no antialiasing, as upstream does before
-    quantisation (``evaluation.md`` §3; 384 → 256 for LlamaGen-384, IAR, IAR2).
+    quantisation (docs/evaluation.md#sample-files; 384 → 256 for LlamaGen-384, IAR, IAR2).
     """
     if sub_tokens.dim() != 3:
         raise GenerationError(f"sub_tokens must be (B, L, K), got {tuple(sub_tokens.shape)}")

@@ -80,7 +80,7 @@ class Factorization(Protocol):
 # ------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class SubTokenSampling:
-    """Per-sub-token sampling settings (``ar_models.md`` §9.1)."""
+    """Per-sub-token sampling settings (docs/llamagen.md#logit-processing)."""
 
     temperature: float = 1.0
     top_k: int = 0

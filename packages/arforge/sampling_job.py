@@ -1,6 +1,7 @@
 """The sample-export job: N images per class from an AR model, written as an ADM ``.npz``.
 
-``shared/specs/evaluation.md`` §1, §3 and ``upstream_pitfalls.md`` E1, E8, E9.
+See docs/evaluation.md#generation-protocol, docs/evaluation.md#sample-files and
+docs/iar2.md#differences-from-upstream (the released IAR2 sampler).
 
 Labels
     Exactly ``samples_per_class`` per class: sample i (0 … C·N − 1) has class
@@ -314,8 +315,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
             (:func:`arforge.checkpoint.mark_loaded` says why).
         model_weights, tokenizer_weights: ``auto`` (``ema`` if present, else
             ``model``), ``model`` or ``ema``.
-        temperature, top_k, top_p, greedy: per sub-token (a tuple) or for all (§9.1, §10).
-        samples_per_class: N (evaluation.md §3: 50).
+        temperature, top_k, top_p, greedy: per sub-token (a tuple) or for all (docs/llamagen.md#logit-processing, docs/llamagen.md#sampling-defaults).
+        samples_per_class: N (docs/evaluation.md#sample-files: 50).
         num_classes: C (default: the model's, 1000 for ImageNet).
         batch_size: images per decode batch per rank (the caches hold 2× with CFG).
         eval_size: resize to this size before rounding (256 for the 384 px models); None keeps it.

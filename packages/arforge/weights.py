@@ -1,7 +1,6 @@
 """Finding user-supplied pretrained weights files (VGG16/AlexNet for LPIPS, Inception for FID).
 
-arforge never downloads weights (``shared/specs/evaluation.md`` §7,
-``upstream_pitfalls.md`` A7). A file is taken from an explicit path, or from the
+arforge never downloads weights (docs/evaluation.md#weights). A file is taken from an explicit path, or from the
 torch hub cache ``$TORCH_HOME/hub/checkpoints/<file name>`` where torchvision
 itself would have put it; torch-hub style names ending in ``-<hex>`` are checked
 against that SHA-256 prefix. A missing file is an :class:`WeightsNotFoundError`

@@ -1,8 +1,8 @@
-"""Strict official key maps for the AR checkpoints (``shared/specs/checkpoints.md`` §3, §5, §7, §8).
+"""Strict official key maps for the AR checkpoints (docs/checkpoints.md#llamagen-and-iar-gpt, docs/checkpoints.md#open-magvit2-ar, docs/checkpoints.md#iar2-gpt, docs/checkpoints.md#what-each-strict-map-covers).
 
 Each format is a :class:`arforge.keymap.KeyMap` from official names to
 :class:`arforge.ar_model.ARModel` names; the same rules run backwards for export.
-Loading (``checkpoints.md`` §1):
+Loading (docs/checkpoints.md#loading-rules):
 
 1. ``path_or_state`` is a file (read with :func:`arforge.checkpoint.load_foreign`:
    ``weights_only=True`` plus the allow-list), a container dict or a bare state dict;
@@ -15,15 +15,15 @@ Loading (``checkpoints.md`` §1):
 
 Formats:
 
-* **LlamaGen / IAR GPT** (§3): 7·n_layer + 4 keys; drops ``freqs_cis``,
+* **LlamaGen / IAR GPT** (docs/checkpoints.md#llamagen-and-iar-gpt): 7·n_layer + 4 keys; drops ``freqs_cis``,
   ``layers.*.attention.kv_cache.*`` and ``causal_mask``.
-* **Open-MAGVIT2 AR** (§5): 7·(L + L_f) + 6 ``transformer.*`` keys; drops the KV caches of a
+* **Open-MAGVIT2 AR** (docs/checkpoints.md#open-magvit2-ar): 7·(L + L_f) + 6 ``transformer.*`` keys; drops the KV caches of a
   model saved after sampling. The embedded
   tokenizer (``first_stage_model.*``) is not part of the AR model: it is returned
   with the prefix stripped (``LoadResult.tokenizer_state``) for the caller to
   load into a tokenizer, never dropped silently.
-* **IAR2 GPT** (§7): 7·(n_layer + 5) + 20 keys; drops ``kv_cache`` keys; turns on
-  the ``repeat_interleave`` RoPE quirk the weights were trained with (§2.5).
+* **IAR2 GPT** (docs/checkpoints.md#iar2-gpt): 7·(n_layer + 5) + 20 keys; drops ``kv_cache`` keys; turns on
+  the ``repeat_interleave`` RoPE quirk the weights were trained with (docs/iar2.md#the-repeat-interleaved-rope-table).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = [
     "export_iar2_gpt",
 ]
 
-#: the seven tensors of one Llama block (§3 table), as a regex alternation
+#: the seven tensors of one Llama block (docs/checkpoints.md#llamagen-and-iar-gpt table), as a regex alternation
 _BLOCK = r"(attention\.wqkv|attention\.wo|feed_forward\.w1|feed_forward\.w2|feed_forward\.w3|attention_norm|ffn_norm)"
 
 LLAMAGEN_GPT = KeyMap(
@@ -99,7 +99,7 @@ IAR2_GPT = KeyMap(
     drop=[r"(layers|factorized_blocks)\.\d+\.attention\.kv_cache\.(k_cache|v_cache)"],
 )
 
-#: the Lightning prefix of the tokenizer embedded in Open-MAGVIT2 AR files (§5)
+#: the Lightning prefix of the tokenizer embedded in Open-MAGVIT2 AR files (docs/checkpoints.md#open-magvit2-ar)
 TOKENIZER_PREFIX = "first_stage_model."
 
 
@@ -209,9 +209,9 @@ def _container(state: dict[str, torch.Tensor], container: str, entry: str) -> di
 # ==================================================================== LlamaGen
 def load_llamagen_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any], *,
                       weights: Literal["model", "ema"] = "model") -> LoadResult:
-    """Load a LlamaGen/IAR GPT (DDP dict, FSDP ``consolidated.pth`` or a state dict) strictly (§3).
+    """Load a LlamaGen/IAR GPT (DDP dict, FSDP ``consolidated.pth`` or a state dict) strictly (docs/checkpoints.md#llamagen-and-iar-gpt).
 
-    ``weights`` picks the DDP entry (``model`` by default, §1.2).
+    ``weights`` picks the DDP entry (``model`` by default, docs/checkpoints.md#containers).
     """
     state, where, what = _source(path_or_state, weights, model)
     return LoadResult(_load(LLAMAGEN_GPT, model, state, what), where)
@@ -224,7 +224,7 @@ def export_llamagen_gpt(model: ARModel, *, container: Literal["bare", "model"] =
 
 # ================================================================ Open-MAGVIT2
 def load_open_magvit2_ar(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any]) -> LoadResult:
-    """Load an Open-MAGVIT2 ``AR_256_*.ckpt`` (Lightning ``state_dict``) strictly (§5).
+    """Load an Open-MAGVIT2 ``AR_256_*.ckpt`` (Lightning ``state_dict``) strictly (docs/checkpoints.md#open-magvit2-ar).
 
     The ``first_stage_model.*`` tokenizer weights come back in
     ``tokenizer_state`` (prefix stripped); an AR file without them loads too.
@@ -247,10 +247,10 @@ def export_open_magvit2_ar(model: ARModel, *, tokenizer_state: Mapping[str, torc
 # ======================================================================== IAR2
 def load_iar2_gpt(model: ARModel, path_or_state: str | os.PathLike | Mapping[str, Any], *,
                   weights: Literal["model", "ema"] = "model") -> LoadResult:
-    """Load an IAR2 GPT (FSDP ``.pth`` bare dict or DDP ``.pt`` dict) strictly (§7).
+    """Load an IAR2 GPT (FSDP ``.pth`` bare dict or DDP ``.pt`` dict) strictly (docs/checkpoints.md#iar2-gpt).
 
     Sets the ``repeat_interleave`` RoPE flag on the model: the official weights
-    were trained with it (``ar_models.md`` §2.5).
+    were trained with it (docs/iar2.md#the-repeat-interleaved-rope-table).
     """
     state, where, what = _source(path_or_state, weights, model)
     report = _load(IAR2_GPT, model, state, what)

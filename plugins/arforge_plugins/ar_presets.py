@@ -1,17 +1,17 @@
-"""Model-size presets and builders for the three AR families (``ar_models.md`` §3).
+"""Model-size presets and builders for the three AR families (docs/llamagen.md#model-sizes).
 
 One class, :class:`arforge.ar_model.ARModel`, many named sizes:
 
-* :func:`llamagen_gpt` — LlamaGen GPT-B … GPT-7B (§3.1): identity factorization,
-  linear head. :func:`iar_gpt` is the same model with IAR's cluster loss (§6).
-* :func:`open_magvit2_ar` — Open-MAGVIT2 B/L/XL (§3.2): bit split [6, 12],
+* :func:`llamagen_gpt` — LlamaGen GPT-B … GPT-7B (docs/llamagen.md#model-sizes): identity factorization,
+  linear head. :func:`iar_gpt` is the same model with IAR's cluster loss (docs/iar.md#cluster-oriented-loss).
+* :func:`open_magvit2_ar` — Open-MAGVIT2 B/L/XL (docs/open_magvit2.md#model-sizes): bit split [6, 12],
   next-sub-token intra transformer.
-* :func:`iar2_gpt` — IAR2 B/L/XL/XXL (§3.3): semantic/detail pairs, local-context
-  head, ``repeat_interleave`` RoPE (§2.5).
+* :func:`iar2_gpt` — IAR2 B/L/XL/XXL (docs/iar2.md#model-sizes): semantic/detail pairs, local-context
+  head, ``repeat_interleave`` RoPE (docs/iar2.md#the-repeat-interleaved-rope-table).
 
 Every family also has a ``tiny`` preset for tests. :data:`PRESET_PARAMS` lists
 the parameter count of every paper preset at its default vocabulary and block
-size (the spec's "computed" numbers, exact here); build on the meta device
+size (the "computed" numbers of the docs' size tables, exact here); build on the meta device
 (``with torch.device("meta"):``) to count without allocating.
 
 Every factory takes ``grad_checkpointing`` (default off): activation
@@ -64,7 +64,7 @@ class ARSize:
     head_layers: int = 0  #: Open-MAGVIT2 ``factorized_n_layer``; IAR2 head blocks (5)
 
 
-#: §3.1 (IAR uses the same sizes)
+#: docs/llamagen.md#model-sizes (IAR uses the same sizes)
 LLAMAGEN_SIZES: dict[str, ARSize] = {
     "tiny": ARSize(n_layer=2, n_head=4, dim=64),
     "B": ARSize(n_layer=12, n_head=12, dim=768),
@@ -77,7 +77,7 @@ LLAMAGEN_SIZES: dict[str, ARSize] = {
     "7B": ARSize(n_layer=32, n_head=32, dim=4096),
 }
 
-#: §3.2 (``imagenet_conditional_llama_{B,L,XL}.yaml``)
+#: docs/open_magvit2.md#model-sizes (``imagenet_conditional_llama_{B,L,XL}.yaml``)
 OPEN_MAGVIT2_SIZES: dict[str, ARSize] = {
     "tiny": ARSize(n_layer=2, n_head=4, dim=64, head_layers=1),
     "B": ARSize(n_layer=24, n_head=16, dim=1024, head_layers=2),
@@ -85,7 +85,7 @@ OPEN_MAGVIT2_SIZES: dict[str, ARSize] = {
     "XL": ARSize(n_layer=48, n_head=24, dim=1536, head_layers=4),
 }
 
-#: §3.3 (upstream ``gpt_train.py`` GPT-B/L/XL/XXL)
+#: docs/iar2.md#model-sizes (upstream ``gpt_train.py`` GPT-B/L/XL/XXL)
 IAR2_SIZES: dict[str, ARSize] = {
     "tiny": ARSize(n_layer=2, n_head=4, dim=64, head_layers=5),
     "B": ARSize(n_layer=12, n_head=12, dim=768, head_layers=5),
@@ -95,7 +95,7 @@ IAR2_SIZES: dict[str, ARSize] = {
 }
 
 #: Parameters of each paper preset at its default vocabulary (computed from the
-#: architecture; the spec's rounded figures in the comments).
+#: architecture; the docs' rounded figures in the comments).
 PRESET_PARAMS: dict[str, int] = {
     "llamagen_gpt/B": 110_888_448,  # 110.9M
     "llamagen_gpt/L": 342_910_976,  # 342.9M
@@ -144,17 +144,17 @@ def llamagen_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_siz
                  resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, cls_zero_rotation: bool = True,
                  rope_repeat_interleave: bool = False, cluster_size: int | None = None,
                  cluster_loss_weight: float = 1.0, grad_checkpointing: bool = False) -> ARModel:
-    """LlamaGen class-conditional GPT (``ar_models.md`` §3.1, §5.1).
+    """LlamaGen class-conditional GPT (docs/llamagen.md#model-sizes, docs/llamagen.md#linear-head).
 
     Args:
         size: a key of :data:`LLAMAGEN_SIZES` (B, L, XL, XXL, XXXL, 1B, 3B, 7B, tiny) or an :class:`ARSize`.
-        vocab_size: VQ codebook size (§3.1: 16384).
-        block_size: tokens per image (§3.1: 256 at 256 px, 576 at 384 px).
-        num_classes: label classes (§4: 1000, plus the null row).
-        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
-        cls_zero_rotation: §2.4 class-slot RoPE quirk (on for official weights).
-        rope_repeat_interleave: §2.5 IAR2 quirk (off for LlamaGen).
-        cluster_size, cluster_loss_weight: IAR's cluster loss (§6), off by default.
+        vocab_size: VQ codebook size (docs/llamagen.md#model-sizes: 16384).
+        block_size: tokens per image (docs/llamagen.md#model-sizes: 256 at 256 px, 576 at 384 px).
+        num_classes: label classes (docs/llamagen.md#class-conditioning: 1000, plus the null row).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: docs/llamagen.md#llama-backbone (0.1 each).
+        cls_zero_rotation: docs/llamagen.md#2d-rope class-slot RoPE quirk (on for official weights).
+        rope_repeat_interleave: docs/iar2.md#the-repeat-interleaved-rope-table IAR2 quirk (off for LlamaGen).
+        cluster_size, cluster_loss_weight: IAR's cluster loss (docs/iar.md#cluster-oriented-loss), off by default.
         grad_checkpointing: activation checkpointing of every backbone block in the
             training forward (recomputed in backward; up to ~1/3 more compute for much less activation
             memory; never applies in eval, under no_grad or to cached decoding). Settable later
@@ -178,11 +178,11 @@ def iar_gpt(size: str | ARSize = "B", *, vocab_size: int = 16384, block_size: in
             class_dropout_p: float = 0.1, token_dropout_p: float = 0.1, resid_dropout_p: float = 0.1,
             ffn_dropout_p: float = 0.1, cluster_size: int = 128, cluster_loss_weight: float = 1.0,
             grad_checkpointing: bool = False) -> ARModel:
-    """IAR: LlamaGen's GPT over reordered ids, trained with the cluster-oriented loss (§6).
+    """IAR: LlamaGen's GPT over reordered ids, trained with the cluster-oriented loss (docs/iar.md#cluster-oriented-loss).
 
     Args:
-        cluster_size: tokens per cluster (§6: 128 clusters × 128).
-        cluster_loss_weight: λ (§6: ``--lambda-cce`` = 1).
+        cluster_size: tokens per cluster (docs/iar.md#cluster-oriented-loss: 128 clusters × 128).
+        cluster_loss_weight: λ (docs/iar.md#cluster-oriented-loss: ``--lambda-cce`` = 1).
         grad_checkpointing: activation checkpointing of the backbone blocks, as :func:`llamagen_gpt`.
         Others: as :func:`llamagen_gpt`.
     """
@@ -197,15 +197,15 @@ def open_magvit2_ar(size: str | ARSize = "B", *, factorized_bits: Sequence[int] 
                     num_classes: int = 1000, class_dropout_p: float = 0.1, token_dropout_p: float = 0.1,
                     resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1,
                     cls_zero_rotation: bool = True, grad_checkpointing: bool = False) -> ARModel:
-    """Open-MAGVIT2 AR with next-sub-token prediction (``ar_models.md`` §3.2, §5.2).
+    """Open-MAGVIT2 AR with next-sub-token prediction (docs/open_magvit2.md#model-sizes, docs/open_magvit2.md#next-sub-token-head).
 
     Args:
         size: a key of :data:`OPEN_MAGVIT2_SIZES` (B, L, XL, tiny) or an :class:`ARSize`.
-        factorized_bits: LFQ bit groups (§3.2: [6, 12] → vocabularies 64 and 4096).
-        block_size: tokens per image (§3.2: 256).
-        num_classes: label classes (§4: 1000).
-        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
-        cls_zero_rotation: §2.4 quirk (on for official weights).
+        factorized_bits: LFQ bit groups (docs/open_magvit2.md#model-sizes: [6, 12] → vocabularies 64 and 4096).
+        block_size: tokens per image (docs/open_magvit2.md#model-sizes: 256).
+        num_classes: label classes (docs/llamagen.md#class-conditioning: 1000).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: docs/llamagen.md#llama-backbone (0.1 each).
+        cls_zero_rotation: docs/llamagen.md#2d-rope quirk (on for official weights).
         grad_checkpointing: activation checkpointing of every backbone block and of the intra
             transformer's ``factorized_blocks`` in the training forward (recomputed in backward;
             up to ~1/3 more compute for much less activation memory; never applies in eval, under
@@ -231,17 +231,17 @@ def iar2_gpt(size: str | ARSize = "B", *, semantic_size: int = 256, detail_size:
              resid_dropout_p: float = 0.1, ffn_dropout_p: float = 0.1, semantic_loss_weight: float = 1.0,
              cls_zero_rotation: bool = True, rope_repeat_interleave: bool = True,
              grad_checkpointing: bool = False) -> ARModel:
-    """IAR2 GPT with the local-context semantic/detail head (``ar_models.md`` §3.3, §5.3).
+    """IAR2 GPT with the local-context semantic/detail head (docs/iar2.md#model-sizes, docs/iar2.md#input-aggregation-and-local-context-head).
 
     Args:
         size: a key of :data:`IAR2_SIZES` (B, L, XL, XXL, tiny) or an :class:`ARSize`.
-        semantic_size, detail_size: the two codebooks (§3.3: 256 and 4096).
-        block_size: tokens per image (§3.3: 576, a 24×24 grid).
-        num_classes: label classes (§4: 1000).
-        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0.1 each).
-        semantic_loss_weight: ``--w1`` on the semantic CE (§6: default 1.0, the FSDP example 2.0).
-        cls_zero_rotation: §2.4 quirk (on for official weights).
-        rope_repeat_interleave: §2.5 quirk (on for official weights; optional for new models).
+        semantic_size, detail_size: the two codebooks (docs/iar2.md#model-sizes: 256 and 4096).
+        block_size: tokens per image (docs/iar2.md#model-sizes: 576, a 24×24 grid).
+        num_classes: label classes (docs/llamagen.md#class-conditioning: 1000).
+        class_dropout_p, token_dropout_p, resid_dropout_p, ffn_dropout_p: docs/llamagen.md#llama-backbone (0.1 each).
+        semantic_loss_weight: ``--w1`` on the semantic CE (docs/iar2.md#losses: default 1.0, the FSDP example 2.0).
+        cls_zero_rotation: docs/llamagen.md#2d-rope quirk (on for official weights).
+        rope_repeat_interleave: docs/iar2.md#the-repeat-interleaved-rope-table quirk (on for official weights; optional for new models).
         grad_checkpointing: activation checkpointing of every backbone block and of the head's 5
             ``factorized_blocks`` in the training forward (recomputed in backward; up to ~1/3 more
             compute for much less activation memory; never applies in eval, under no_grad or to

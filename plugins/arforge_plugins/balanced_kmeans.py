@@ -2,7 +2,7 @@
 
 Paper: "Improving Autoregressive Visual Generation with Cluster-Oriented Token
 Prediction" (IAR, CVPR 2025). Upstream: IAR ``balance_k_means.py``. Spec:
-``shared/specs/tokenizers.md`` §4 and ``upstream_pitfalls.md`` C10.
+docs/iar.md#codebook-clustering.
 
 The l2-normalised codebook rows are split into ``n_clusters`` clusters of exactly
 ``cluster_size`` codes by a greedy balanced k-means; the raw rows are then
@@ -37,7 +37,7 @@ class BalancedKMeansResult:
 
 
 def greedy_balanced_assignment(distances: torch.Tensor, cluster_size: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """IAR's balanced assignment (§4.3.2-4.3.3) for squared distances (K, n).
+    """IAR's balanced assignment (docs/iar.md#codebook-clustering) for squared distances (K, n).
 
     Codes are visited in ascending order of the distance to their nearest centre
     and each joins the nearest centre whose cluster has fewer than ``cluster_size``
@@ -64,7 +64,7 @@ def greedy_balanced_assignment(distances: torch.Tensor, cluster_size: int) -> tu
 
 
 def nearest_neighbour_chain(vectors: torch.Tensor) -> torch.Tensor:
-    """Order the m codes of one cluster (§4.4): (m, D) -> positions (m,) with slot p holding row order[p].
+    """Order the m codes of one cluster (docs/iar.md#codebook-clustering): (m, D) -> positions (m,) with slot p holding row order[p].
 
     Slot m/2 - 1 is the code closest (Euclidean) to the mean; slot m/2 is the nearest
     unvisited code to it (squared Euclidean); then alternately slot m/2 - 2 - ii takes
@@ -103,11 +103,11 @@ def balanced_kmeans(
     normalize: bool = True,
     callback: Callable[[int, float], None] | None = None,
 ) -> BalancedKMeansResult:
-    """Cluster a codebook (K, D) into ``n_clusters`` x ``cluster_size`` and derive its reordering (§4).
+    """Cluster a codebook (K, D) into ``n_clusters`` x ``cluster_size`` and derive its reordering (docs/iar.md#codebook-clustering).
 
     ``normalize`` l2-normalises the rows first (IAR clusters LlamaGen's normalised
     codebook); the reordering applies to the raw rows: ``E_new = E_old[permutation]``.
-    ``seed`` seeds the initial centres (``torch.randperm``, §4.2). ``callback`` is
+    ``seed`` seeds the initial centres (``torch.randperm``, docs/iar.md#codebook-clustering). ``callback`` is
     called after every iteration with (iteration, total intra-cluster MSE).
 
     Note: upstream seeds the global RNG with 42 and then builds the VQ model, which
@@ -119,7 +119,7 @@ def balanced_kmeans(
     k = codebook.shape[0]
     if n_clusters < 1 or cluster_size < 2 or cluster_size % 2:
         raise ValueError(f"need n_clusters >= 1 and an even cluster_size >= 2 (the chain grows two ends "
-                         f"from the middle, §4.4); got {n_clusters}, {cluster_size}")
+                         f"from the middle, docs/iar.md#codebook-clustering); got {n_clusters}, {cluster_size}")
     if n_clusters * cluster_size != k:
         raise ValueError(f"n_clusters * cluster_size = {n_clusters} * {cluster_size} = "
                          f"{n_clusters * cluster_size} must equal the codebook size {k}")
@@ -169,5 +169,5 @@ def reorder_codebook(codebook: torch.Tensor, result: BalancedKMeansResult) -> to
 
 
 def remap_ids(ids: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
-    """Codes extracted with the original codebook -> ids of the reordered one (x <- mapping[x], §4.6)."""
+    """Codes extracted with the original codebook -> ids of the reordered one (x <- mapping[x], docs/iar.md#codebook-clustering)."""
     return mapping.to(ids.device)[ids]

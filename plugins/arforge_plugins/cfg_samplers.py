@@ -1,15 +1,15 @@
 """Classifier-free guidance schedules: the ``samplers.*`` plugins of :func:`arforge.generation.generate`.
 
-``shared/specs/ar_models.md`` §9–§10, ``upstream_pitfalls.md`` E2/E7. Each
+See docs/llamagen.md#sampling, docs/llamagen.md#sampling-defaults, docs/llamagen.md#cfg-batch-layout. Each
 sampler says once, from its settings, whether guidance is on (``guided``: some
 scale ≠ 1 at some step) and gives the scale of sub-token k at position n,
 ``scale(k, n, L, info)``, as a number or a per-sample (B,) tensor. A sub-token
 whose scale is 1 gets the conditional logits unchanged.
 
-* :class:`ConstantCFG` — LlamaGen, IAR, Open-MAGVIT2 (per-sub-token scales, §9.4).
-* :class:`IntervalCFG` — LlamaGen's ``cfg_interval`` (§9.3.4), in token indices.
+* :class:`ConstantCFG` — LlamaGen, IAR, Open-MAGVIT2 (per-sub-token scales, docs/open_magvit2.md#sampling).
+* :class:`IntervalCFG` — LlamaGen's ``cfg_interval`` (docs/llamagen.md#sampling), in token indices.
 * :class:`LinearCFG` — a start → end ramp over the sequence, per sub-token.
-* :class:`AdaptiveAttentionCFG` — IAR2's progressive attention-guided CFG (§9.5).
+* :class:`AdaptiveAttentionCFG` — IAR2's progressive attention-guided CFG (docs/iar2.md#sampling).
 
 Scales given as one number apply to every sub-token; a tuple gives one value
 per sub-token ((pre, post) for Open-MAGVIT2, (semantic, detail) for IAR2).
@@ -59,7 +59,7 @@ def _fmt(vals: tuple[float, ...]) -> float | str:
 
 
 def progress_weight(n: int, L: int, attn_cls: torch.Tensor | None = None, w_attn: float = 0.0) -> Any:
-    """IAR2's w(n) = n/(L − 1) + w_attn·a_n, and 0.5 + w_attn·a_n when L = 1 (§9.5).
+    """IAR2's w(n) = n/(L − 1) + w_attn·a_n, and 0.5 + w_attn·a_n when L = 1 (docs/iar2.md#sampling).
 
     Returns a float without ``attn_cls`` (w_attn·a_n omitted), else a (B,) tensor.
     """
@@ -70,16 +70,16 @@ def progress_weight(n: int, L: int, attn_cls: torch.Tensor | None = None, w_attn
 
 
 class ConstantCFG:
-    """Constant guidance ℓ = ℓ_u + s·(ℓ_c − ℓ_u) at every position (§9.1, §9.3, §9.4).
+    """Constant guidance ℓ = ℓ_u + s·(ℓ_c − ℓ_u) at every position (docs/llamagen.md#logit-processing, docs/llamagen.md#sampling, docs/open_magvit2.md#sampling).
 
     Defaults: LlamaGen ``sample_c2i_ddp.py`` 1.5; Open-MAGVIT2-B (1.9, 2.0) as
-    (pre, post); IAR 2.25 (§10).
+    (pre, post); IAR 2.25 (docs/llamagen.md#sampling-defaults).
     """
 
     needs_cls_attention = False
 
     def __init__(self, *, scale: Scale = 1.5):
-        """scale: s, or one s per sub-token (Open-MAGVIT2's per-sub-token ``cfg_scale``, §9.4)."""
+        """scale: s, or one s per sub-token (Open-MAGVIT2's per-sub-token ``cfg_scale``, docs/open_magvit2.md#sampling)."""
         self.scales = _as_scales("ConstantCFG.scale", scale)
         self.guided = any(s != 1.0 for s in self.scales)
 
@@ -94,7 +94,7 @@ class ConstantCFG:
 
 
 class IntervalCFG:
-    """LlamaGen's ``cfg_interval`` (§9.3.4, pitfall E7), in token indices.
+    """LlamaGen's ``cfg_interval`` (docs/llamagen.md#sampling), in token indices.
 
     Guidance s applies to tokens 0 … ``interval`` and scale 1 (ℓ_c) afterwards;
     ``interval`` = −1 guides every token. Upstream compares its float
@@ -111,7 +111,7 @@ class IntervalCFG:
     def __init__(self, *, scale: Scale = 1.5, interval: int = -1):
         """
         Args:
-            scale: s, or one per sub-token (§10: LlamaGen DDP default 1.5).
+            scale: s, or one per sub-token (docs/llamagen.md#sampling-defaults: LlamaGen DDP default 1.5).
             interval: last guided token index; −1 = every token (upstream's default).
         """
         self.scales = _as_scales("IntervalCFG.scale", scale)
@@ -142,7 +142,7 @@ class IntervalCFG:
 class LinearCFG:
     """A linear ramp s(n) = s_start + (s_end − s_start)·w(n), w(n) = n/(L − 1) (0.5 when L = 1).
 
-    IAR2's progressive schedule without the attention term (§9.5 with
+    IAR2's progressive schedule without the attention term (docs/iar2.md#sampling with
     w_attn = 0); start and end may be per-sub-token tuples.
     """
 
@@ -169,15 +169,15 @@ class LinearCFG:
 
 
 class AdaptiveAttentionCFG:
-    """IAR2's progressive attention-guided CFG (§9.5; defaults: the IAR2 README, §10).
+    """IAR2's progressive attention-guided CFG (docs/iar2.md#sampling; defaults: the IAR2 README, docs/llamagen.md#sampling-defaults).
 
     For sub-token head k with start and end scales (s_k1, s_k2):
     w(n) = n/(L − 1) + w_attn·a_n (0.5 + w_attn·a_n if L = 1), with a_n the last
     backbone layer's head-averaged attention of the conditional half to the
     class token, per sample; s_k(n) = s_k1·(1 − w) + s_k2·w, a (B,) tensor. w may
     exceed 1 (w(L − 1) = 1 + w_attn·a_n), extrapolating past s_k2; w(0) = w_attn
-    because a_0 = 1. Guidance is on iff any of the scales ≠ 1 (decided once, E2;
-    upstream looks at s_k1 alone).
+    because a_0 = 1. Guidance is on iff any of the scales ≠ 1 (decided once,
+    docs/llamagen.md#cfg-batch-layout; upstream looks at s_k1 alone).
 
     Upstream's ``cfg-scale1_1``, ``cfg-scale1_2``, ``cfg-scale2_1`` and
     ``cfg-scale2_2`` are ``sem_start``, ``sem_end``, ``det_start`` and

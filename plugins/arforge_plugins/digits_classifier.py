@@ -1,6 +1,6 @@
 """A small digits classifier: the quickstart's feature extractor for FID, IS and precision/recall.
 
-``shared/specs/evaluation.md`` §6: metric code takes its network as an injected
+docs/evaluation.md#testing-metric-code: metric code takes its network as an injected
 module, and tests and the quickstart use a small network trained on the
 offline scikit-learn digits instead of Inception (whose ImageNet features mean
 nothing on 16 px digits, and whose weights no package ships).
@@ -165,7 +165,7 @@ def train_feature_extractor(ctx, *, dataset, val_dataset, image_size: int = 16, 
                             output: str | os.PathLike | None = None, max_shift: int | None = None,
                             width: int = 32, feature_dim: int = 128, num_classes: int | None = None,
                             log_every: int = 50) -> float:
-    """Train the digits classifier that stands in for Inception on the quickstart data (evaluation.md §6).
+    """Train the digits classifier that stands in for Inception on the quickstart data (docs/evaluation.md#testing-metric-code).
 
     Adam with a cosine decay; inputs are put on the uint8 grid the evaluator
     feeds, and shifted by up to ``max_shift`` pixels (default S/8) as light

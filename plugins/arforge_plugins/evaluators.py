@@ -1,17 +1,17 @@
 """Evaluator plugins: generation metrics over sample batches, reconstruction metrics over tokenizers.
 
-``shared/specs/evaluation.md``:
+docs/evaluation.md:
 
 - :class:`GenerationEvaluator` (``evaluators.generation``): FID, sFID, Inception
-  Score and precision/recall with the ADM evaluator's semantics (§2; OpenAI
+  Score and precision/recall with the ADM evaluator's semantics (docs/evaluation.md#adm-evaluator-semantics; OpenAI
   guided-diffusion ``evaluations/evaluator.py``, "Diffusion Models Beat GANs on
-  Image Synthesis") from a sample ``.npz`` against a reference ``.npz`` (§3-4),
+  Image Synthesis") from a sample ``.npz`` against a reference ``.npz`` (docs/evaluation.md#sample-files, docs/evaluation.md#reference-batch),
   with any feature extractor (Inception for reported numbers, the digits
   classifier for the quickstart). Samples are streamed in batches, never
   loaded whole; FID can be reported on growing prefixes (multi-fidelity).
 - :class:`ReconstructionEvaluator` (``evaluators.reconstruction``): rFID
   (protocol B), PSNR, SSIM, LPIPS with AlexNet and VGG separately, and
-  codebook usage of a tokenizer over a dataset (§5).
+  codebook usage of a tokenizer over a dataset (docs/evaluation.md#tokenizer-metrics).
 
 The metric math is :mod:`arforge.metrics.adm`; the network is injected.
 """
@@ -73,8 +73,8 @@ class GenerationEvaluator:
             batch_size: images per feature batch (ADM: 64).
             num_samples: use only the first ``num_samples`` samples in file order
                 (default all); the file must hold at least that many.
-            is_split_size: IS split length in file order (ADM: 5000, §2.5).
-            precision_recall: compute improved precision/recall (k-NN manifolds, §2.6).
+            is_split_size: IS split length in file order (ADM: 5000, docs/evaluation.md#inception-score).
+            precision_recall: compute improved precision/recall (k-NN manifolds, docs/evaluation.md#precision-and-recall).
             pr_k: the neighbour of the manifold radii (ADM: 3).
             pr_fp16: fp16 distances as ADM (parity, default) or fp32.
             progress: progress bars over the feature extraction.
@@ -133,7 +133,7 @@ class GenerationEvaluator:
         return ref.features
 
     def _reference_stats(self, ref: _Reference) -> str:
-        """Resolve ``ref.stats``: the file's mu/sigma, else computed from its arr_0 (§2.3)."""
+        """Resolve ``ref.stats``: the file's mu/sigma, else computed from its arr_0 (docs/evaluation.md#adm-evaluator-semantics)."""
         if ref.stats is not None:
             return "mu/sigma from the reference file"
         feats = self._reference_features(ref)
@@ -247,7 +247,7 @@ LPIPS_NETS = ("alex", "vgg")
 
 
 class ReconstructionEvaluator:
-    """rFID (protocol B), PSNR, SSIM, LPIPS (AlexNet, VGG) and codebook usage of a tokenizer (§5)."""
+    """rFID (protocol B), PSNR, SSIM, LPIPS (AlexNet, VGG) and codebook usage of a tokenizer (docs/evaluation.md#tokenizer-metrics)."""
 
     def __init__(self, *, feature_extractor: FeatureExtractor | None = None, lpips: Sequence[str] = LPIPS_NETS,
                  lpips_alex_path: str | os.PathLike | None = None, lpips_vgg_path: str | os.PathLike | None = None,
@@ -260,7 +260,7 @@ class ReconstructionEvaluator:
                 with an explicit path must exist; one without is looked up in
                 ``$TORCH_HOME/hub/checkpoints`` and skipped (noted in the result's info) if absent.
             lpips_alex_path / lpips_vgg_path: torchvision ``alexnet-owt-7be5be79.pth`` /
-                ``vgg16-397923af.pth`` (evaluation.md §7.2).
+                ``vgg16-397923af.pth`` (docs/evaluation.md#lpips-weights).
             verify_hash: check the backbones' SHA-256 prefixes.
             batch_size / max_images: reconstruction batches; the first ``max_images`` images.
             perceptual: ready-made ``name -> (x, y) -> (B,)`` modules used instead of building LPIPS.

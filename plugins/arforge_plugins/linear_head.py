@@ -1,7 +1,7 @@
-"""LlamaGen/IAR single linear head: final RMSNorm ``norm`` then ``output`` (``ar_models.md`` §5.1).
+"""LlamaGen/IAR single linear head: final RMSNorm ``norm`` then ``output`` (docs/llamagen.md#linear-head).
 
 One sub-token (K = 1). ``output`` is Linear(D → V, no bias), zero-initialised
-(§1.5); logits are fp32. No cache: a position is one matmul.
+(docs/llamagen.md#llama-backbone); logits are fp32. No cache: a position is one matmul.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["LinearHead"]
 
 
 class LinearHead(nn.Module):
-    """``norm`` → ``output``: h (B, L, D) -> [(B, L, V)] fp32 (LlamaGen §5.1)."""
+    """``norm`` → ``output``: h (B, L, D) -> [(B, L, V)] fp32 (LlamaGen docs/llamagen.md#linear-head)."""
 
     tied_subtoken = None
 
@@ -26,8 +26,8 @@ class LinearHead(nn.Module):
         """
         Args:
             dim: the backbone width D.
-            vocab_size: V (§3.1: 16384).
-            norm_eps: RMSNorm ε (§1.1: 1e-5).
+            vocab_size: V (docs/llamagen.md#model-sizes: 16384).
+            norm_eps: RMSNorm ε (docs/llamagen.md#llama-backbone: 1e-5).
         """
         super().__init__()
         self.dim = dim
@@ -39,7 +39,7 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.output.weight)
 
     def tie_embedding(self, embedding: nn.Embedding) -> None:  # pragma: no cover - nothing to tie
-        raise TypeError("the linear head shares no embedding (§1.5: no weight tying)")
+        raise TypeError("the linear head shares no embedding (docs/llamagen.md#llama-backbone: no weight tying)")
 
     def forward(self, h: torch.Tensor, sub_tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
         return [at_least_fp32(self.output(self.norm(h)))]  # [(B, L, V)]

@@ -2,8 +2,8 @@
 
 Source: LlamaGen, ``tokenizer/tokenizer_image/vq_model.py``; paper "Autoregressive
 Model Beats Diffusion: Llama for Scalable Image Generation". Spec:
-``shared/specs/tokenizers.md`` §1.2-1.4 (architecture), §3.1 (IAR2 reuses VQ-16
-unchanged); key layout ``shared/specs/checkpoints.md`` §2.
+docs/llamagen.md#tokenizer, docs/llamagen.md#encoder-and-decoder (architecture), docs/iar2.md#tokenizer (IAR2 reuses VQ-16
+unchanged); key layout docs/checkpoints.md#llamagen-vq-tokenizer.
 
 Module attribute names follow the official checkpoint layout exactly
 (``encoder.conv_blocks.{l}.res.{i}.norm1`` ...), so the official key map is an
@@ -33,7 +33,7 @@ from arforge_plugins.vq_tokenizer import VQTokenizer, swish
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    """GN(C): ``num_groups`` groups, eps 1e-6, affine (tokenizers.md conventions)."""
+    """GN(C): ``num_groups`` groups, eps 1e-6, affine (docs/llamagen.md#tokenizer conventions)."""
     return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -58,7 +58,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact: bool)
 
 
 class ResnetBlock(nn.Module):
-    """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a shortcut (§1.2).
+    """GN -> swish -> conv3x3 -> GN -> swish -> dropout -> conv3x3, plus a shortcut (docs/llamagen.md#tokenizer).
 
     The shortcut is a 1x1 conv ``nin_shortcut`` only when the channel count changes.
     ``exact_ops``: swish as x*sigmoid(x) (module docstring).
@@ -87,7 +87,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions, residual (§1.2).
+    """Single-head self-attention over the h*w positions, residual (docs/llamagen.md#tokenizer).
 
     ``exact_ops``: bmm + softmax in the reference's order (:func:`attention`).
     """
@@ -108,7 +108,7 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Zero-pad right/bottom by one, then conv3x3 stride 2 padding 0 (§1.2).
+    """Zero-pad right/bottom by one, then conv3x3 stride 2 padding 0 (docs/llamagen.md#tokenizer).
 
     Asymmetric, unlike Open-MAGVIT2's symmetric stride-2 conv: the official
     weights depend on which pixels the kernel sees.
@@ -123,7 +123,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then conv3x3 stride 1 padding 1 (§1.2)."""
+    """Nearest-neighbour x2, then conv3x3 stride 1 padding 1 (docs/llamagen.md#tokenizer)."""
 
     def __init__(self, *, channels: int) -> None:
         super().__init__()
@@ -134,7 +134,7 @@ class Upsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """LlamaGen VQ encoder (§1.3): images (B, 3, H, W) -> (B, z_channels, H/f, W/f).
+    """LlamaGen VQ encoder (docs/llamagen.md#encoder-and-decoder): images (B, 3, H, W) -> (B, z_channels, H/f, W/f).
 
     Level i has ``num_res_blocks`` ResnetBlocks (the first maps ch*in_mult[i] ->
     ch*ch_mult[i]); only the last level interleaves an AttnBlock after each
@@ -191,7 +191,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """LlamaGen VQ decoder (§1.4): (B, z_channels, h, w) -> images (B, 3, f*h, f*w).
+    """LlamaGen VQ decoder (docs/llamagen.md#encoder-and-decoder): (B, z_channels, h, w) -> images (B, 3, f*h, f*w).
 
     Levels run from the lowest resolution (``conv_blocks.0``, widest) to the
     highest; ``conv_blocks.0`` interleaves an AttnBlock after each ResnetBlock;
@@ -246,7 +246,7 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------- presets
-#: Named sizes (tokenizers.md §1.1). ``encoder_res_blocks`` = 2 and
+#: Named sizes (docs/llamagen.md#tokenizer). ``encoder_res_blocks`` = 2 and
 #: ``decoder_res_blocks`` = 3 are upstream's ``num_res_blocks`` = 2 (the decoder
 #: uses num_res_blocks + 1). ``codebook_dim`` is the width of ``quant_conv``'s
 #: output, which the quantizer must match; the official quantizer for both
@@ -282,7 +282,7 @@ def llamagen_vq_config(preset: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def llamagen_vq_encoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: bool = False) -> Encoder:
-    """The LlamaGen VQ encoder of a preset (tokenizers.md §1.3); ``exact_ops`` as in the tokenizer."""
+    """The LlamaGen VQ encoder of a preset (docs/llamagen.md#encoder-and-decoder); ``exact_ops`` as in the tokenizer."""
     cfg = llamagen_vq_config(preset)
     return Encoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["encoder_res_blocks"],
                    z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"],
@@ -290,7 +290,7 @@ def llamagen_vq_encoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: boo
 
 
 def llamagen_vq_decoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: bool = False) -> Decoder:
-    """The LlamaGen VQ decoder of a preset (tokenizers.md §1.4); ``exact_ops`` as in the tokenizer."""
+    """The LlamaGen VQ decoder of a preset (docs/llamagen.md#encoder-and-decoder); ``exact_ops`` as in the tokenizer."""
     cfg = llamagen_vq_config(preset)
     return Decoder(ch=cfg["ch"], ch_mult=cfg["ch_mult"], num_res_blocks=cfg["decoder_res_blocks"],
                    z_channels=cfg["z_channels"], num_groups=cfg["num_groups"], dropout=cfg["dropout"],
@@ -299,7 +299,7 @@ def llamagen_vq_decoder(*, preset: str | dict[str, Any] = "vq16", exact_ops: boo
 
 def llamagen_vq_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "vq16",
                           exact_ops: bool = False) -> VQTokenizer:
-    """LlamaGen VQ-16/VQ-8 (or IAR2, which is VQ-16 with its own quantizer), tokenizers.md §1 / §3.1.
+    """LlamaGen VQ-16/VQ-8 (or IAR2, which is VQ-16 with its own quantizer), docs/llamagen.md#tokenizer, docs/iar2.md#tokenizer.
 
     ``quantizer`` is any ``arforge.interfaces.Quantizer`` whose ``dim`` equals the
     preset's ``codebook_dim``; it becomes the ``quantize`` submodule, so official

@@ -1,14 +1,14 @@
-"""Open-MAGVIT2's next-sub-token intra transformer (``ar_models.md`` §5.2, §9.4).
+"""Open-MAGVIT2's next-sub-token intra transformer (docs/open_magvit2.md#next-sub-token-head, docs/open_magvit2.md#sampling).
 
 For each position t the 2-slot sequence [h_t, E_pre[pre_t]] runs through
 ``factorized_blocks`` (full Llama blocks of the backbone's width, causal, RoPE
-rows 0–1: zero rotation then the identity, §2.6), a shared RMSNorm ``norm``,
+rows 0–1: zero rotation then the identity, docs/open_magvit2.md#next-sub-token-head), a shared RMSNorm ``norm``,
 and ``head.0`` (slot 0 → pre logits) / ``head.1`` (slot 1 → post logits).
 E_pre is the embedder's ``pre_emb`` — the same tensor, not a copy
-(``checkpoints.md`` §1.4.5): the model ties it with :meth:`tie_embedding`.
+(docs/checkpoints.md#strict-mapping-rules): the model ties it with :meth:`tie_embedding`.
 
 Sampling: per position a cache of exactly two slots per block, allocated once
-per generation and overwritten each step (pitfall E3; upstream reallocates a
+per generation and overwritten each step (docs/llamagen.md#kv-cache; upstream reallocates a
 264-long cache at each of the 256 steps).
 """
 
@@ -26,7 +26,7 @@ __all__ = ["NextSubtokenHead"]
 
 
 class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
-    """Intra transformer over [h_t, E_pre[pre_t]] → (pre, post) logits (Open-MAGVIT2 §5.2)."""
+    """Intra transformer over [h_t, E_pre[pre_t]] → (pre, post) logits (Open-MAGVIT2 docs/open_magvit2.md#next-sub-token-head)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``pre_emb``
     n_slots = 2
@@ -38,11 +38,11 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
                  rope_repeat_interleave: bool = False, grad_checkpointing: bool = False):
         """
         Args:
-            dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (§3.2: same width and blocks).
-            n_layer: ``factorized_n_layer`` (§3.2: 2 / 3 / 4 for B / L / XL).
-            vocab_sizes: (pre, post) vocabularies (§5.2: 64 and 4096, from bits [6, 12]).
-            attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (§1.5: 0, 0.1, 0.1).
-            rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–1 the slots use (§2.6).
+            dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (docs/open_magvit2.md#model-sizes: same width and blocks).
+            n_layer: ``factorized_n_layer`` (docs/open_magvit2.md#model-sizes: 2 / 3 / 4 for B / L / XL).
+            vocab_sizes: (pre, post) vocabularies (docs/open_magvit2.md#next-sub-token-head: 64 and 4096, from bits [6, 12]).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (docs/llamagen.md#llama-backbone: 0, 0.1, 0.1).
+            rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–1 the slots use (docs/open_magvit2.md#next-sub-token-head).
             grad_checkpointing: checkpoint each of ``factorized_blocks`` in the training forward
                 (train mode, grad enabled), as :class:`~arforge.nn.llama.LlamaBackbone` does: their
                 activations over the B·L short sequences are recomputed in backward instead of kept.
@@ -127,7 +127,7 @@ class NextSubtokenHead(SubtokenRotaryMixin, nn.Module):
 
     def decode_position(self, h: torch.Tensor, n: int,
                         choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """§9.4 steps 2–3: h (Bc, 1, D) -> (pre, post) (Bc, 2); slot 0 then slot 1 reusing slot 0's K/V."""
+        """docs/open_magvit2.md#sampling steps 2–3: h (Bc, 1, D) -> (pre, post) (Bc, 2); slot 0 then slot 1 reusing slot 0's K/V."""
         pre = choose(0, at_least_fp32(self.head[0](self._slot(h, 0))))  # (Bc,)
         post = choose(1, at_least_fp32(self.head[1](self._slot(self.pre_emb(pre)[:, None], 1))))  # (Bc,)
         return torch.stack([pre, post], dim=1)  # (Bc, 2)

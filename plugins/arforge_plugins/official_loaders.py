@@ -1,4 +1,4 @@
-"""Gin-facing loaders for the official upstream checkpoints (``checkpoints.md``).
+"""Gin-facing loaders for the official upstream checkpoints (docs/checkpoints.md).
 
 Each returns the module it was given, with the official weights loaded through
 the strict, explicit key maps of ``ar_checkpoints.py`` / ``tokenizer_checkpoints.py``
@@ -61,14 +61,14 @@ def _record(module: nn.Module, path: Path) -> nn.Module:
 
 
 def official_llamagen_gpt(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
-    """LlamaGen/IAR GPT: ``c2i_*.pt`` (DDP ``model``/``ema``) or FSDP ``consolidated.pth`` (§3)."""
+    """LlamaGen/IAR GPT: ``c2i_*.pt`` (DDP ``model``/``ema``) or FSDP ``consolidated.pth`` (docs/checkpoints.md#llamagen-and-iar-gpt)."""
     path = _path(checkpoint, "loaders.official_llamagen_gpt")
     ar_checkpoints.load_llamagen_gpt(module, path, weights=weights)
     return _record(module, path)
 
 
 def official_open_magvit2_ar(*, module: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
-    """Open-MAGVIT2 ``AR_256_{B,L,XL}.ckpt`` (§5): the transformer. Its embedded tokenizer
+    """Open-MAGVIT2 ``AR_256_{B,L,XL}.ckpt`` (docs/checkpoints.md#open-magvit2-ar): the transformer. Its embedded tokenizer
     (``first_stage_model.*``) is read by ``loaders.official_open_magvit2_tokenizer`` from the same file."""
     path = _path(checkpoint, "loaders.official_open_magvit2_ar")
     ar_checkpoints.load_open_magvit2_ar(module, path)
@@ -76,21 +76,21 @@ def official_open_magvit2_ar(*, module: nn.Module, checkpoint: str | os.PathLike
 
 
 def official_iar2_gpt(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
-    """IAR2 GPT: ``IAR2-{B,L,XXL}.pth`` (FSDP) or ``IAR2-XL.pt`` (DDP) (§7)."""
+    """IAR2 GPT: ``IAR2-{B,L,XXL}.pth`` (FSDP) or ``IAR2-XL.pt`` (DDP) (docs/checkpoints.md#iar2-gpt)."""
     path = _path(checkpoint, "loaders.official_iar2_gpt")
     ar_checkpoints.load_iar2_gpt(module, path, weights=weights)
     return _record(module, path)
 
 
 def official_llamagen_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
-    """LlamaGen VQ-16/VQ-8 ``vq_ds{16,8}_c2i.pt`` (§2); ``weights='ema'`` for reconstruction metrics."""
+    """LlamaGen VQ-16/VQ-8 ``vq_ds{16,8}_c2i.pt`` (docs/checkpoints.md#llamagen-vq-tokenizer); ``weights='ema'`` for reconstruction metrics."""
     path = _path(checkpoint, "loaders.official_llamagen_vq")
     tokenizer_checkpoints.load_llamagen_vq(module, path, which=weights)
     return _record(module, path)
 
 
 def official_iar2_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weights: str = "model") -> nn.Module:
-    """IAR2 stage-2 tokenizer ``0485000.pt`` (§6)."""
+    """IAR2 stage-2 tokenizer ``0485000.pt`` (docs/checkpoints.md#iar2-tokenizer)."""
     path = _path(checkpoint, "loaders.official_iar2_vq")
     tokenizer_checkpoints.load_iar2_vq(module, path, which=weights)
     return _record(module, path)
@@ -98,7 +98,7 @@ def official_iar2_vq(*, module: nn.Module, checkpoint: str | os.PathLike, weight
 
 def official_open_magvit2_tokenizer(*, module: nn.Module, checkpoint: str | os.PathLike,
                                     weights: str = "ema") -> nn.Module:
-    """Open-MAGVIT2 ``imagenet_{256,128}_L.ckpt`` (§4): EMA weights by default (as rFID was reported).
+    """Open-MAGVIT2 ``imagenet_{256,128}_L.ckpt`` (docs/checkpoints.md#open-magvit2-tokenizer): EMA weights by default (as rFID was reported).
 
     An ``AR_256_*.ckpt`` works too: its ``first_stage_model.*`` entries are the tokenizer the AR
     model was trained with (raw weights only: ``weights="model"``).

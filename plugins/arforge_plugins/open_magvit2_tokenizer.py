@@ -3,8 +3,8 @@
 Source: Open-MAGVIT2 "upgrade v2" (commit 6515009),
 ``src/Open_MAGVIT2/modules/diffusionmodules/improved_model.py``; paper
 "Open-MAGVIT2: An Open-Source Project Toward Democratizing Auto-regressive
-Visual Generation" (arXiv 2409.04410). Spec: ``shared/specs/tokenizers.md``
-§2.1-2.6; key layout ``shared/specs/checkpoints.md`` §4.
+Visual Generation" (arXiv 2409.04410). See docs/open_magvit2.md#tokenizer,
+docs/open_magvit2.md#encoder-and-decoder, docs/open_magvit2.md#adaptive-groupnorm, docs/open_magvit2.md#upsampler; key layout docs/checkpoints.md#open-magvit2-tokenizer.
 
 Attribute names follow the official layout (``encoder.down.{i}.block.{j}``,
 ``decoder.adaptive.{i}.gamma``, ``decoder.up.{i}.upsample.conv1`` ...). The
@@ -34,7 +34,7 @@ def _group_norm(channels: int, num_groups: int, *, affine: bool = True) -> nn.Gr
 
 
 class ResBlock(nn.Module):
-    """GN -> swish -> conv3x3 (no bias) -> GN -> swish -> conv3x3 (no bias), plus a shortcut (§2.2).
+    """GN -> swish -> conv3x3 (no bias) -> GN -> swish -> conv3x3 (no bias), plus a shortcut (docs/open_magvit2.md#encoder-and-decoder).
 
     The shortcut is a bias-free 1x1 conv ``nin_shortcut`` when the channel count
     changes. No dropout, no attention. ``exact_ops``: swish as x*sigmoid(x) (module docstring).
@@ -62,7 +62,7 @@ class ResBlock(nn.Module):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """AGN(x, q) = gamma(sigma_q) * GN0(x) + beta(mu_q)   (§2.5).
+    """AGN(x, q) = gamma(sigma_q) * GN0(x) + beta(mu_q)   (docs/open_magvit2.md#adaptive-groupnorm).
 
     GN0 has no affine transform; mu_q and sigma_q are per-channel spatial
     statistics of the quantised map q, with the **unbiased** (N - 1) variance
@@ -91,7 +91,7 @@ class AdaptiveGroupNorm(nn.Module):
 
 
 def depth_to_space_dcr(x: torch.Tensor, block_size: int = 2) -> torch.Tensor:
-    """Depth-to-space in DCR order: out[c, s*y+i, s*x+j] = in[(s*i+j)*C + c, y, x]  (§2.6).
+    """Depth-to-space in DCR order: out[c, s*y+i, s*x+j] = in[(s*i+j)*C + c, y, x]  (docs/open_magvit2.md#upsampler).
 
     PyTorch's ``pixel_shuffle`` is CRD order (in[s*s*c + s*i + j]); the two differ
     by a channel permutation, and the official weights were trained with DCR.
@@ -107,7 +107,7 @@ def depth_to_space_dcr(x: torch.Tensor, block_size: int = 2) -> torch.Tensor:
 
 
 class Upsampler(nn.Module):
-    """conv3x3 C -> 4C (with bias, ``conv1``), then DCR depth-to-space x2 (§2.6)."""
+    """conv3x3 C -> 4C (with bias, ``conv1``), then DCR depth-to-space x2 (docs/open_magvit2.md#upsampler)."""
 
     def __init__(self, *, channels: int) -> None:
         super().__init__()
@@ -118,7 +118,7 @@ class Upsampler(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Open-MAGVIT2 encoder (§2.3): images (B, 3, H, W) -> z (B, z_channels, H/f, W/f).
+    """Open-MAGVIT2 encoder (docs/open_magvit2.md#encoder-and-decoder): images (B, 3, H, W) -> z (B, z_channels, H/f, W/f).
 
     ``conv_in`` has no bias; each level has ``num_res_blocks`` ResBlocks then,
     except the last level, ``downsample``: a 3x3 stride-2 conv with symmetric
@@ -167,7 +167,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Open-MAGVIT2 decoder (§2.4): (B, z_channels, h, w) -> images (B, 3, f*h, f*w).
+    """Open-MAGVIT2 decoder (docs/open_magvit2.md#encoder-and-decoder): (B, z_channels, h, w) -> images (B, 3, f*h, f*w).
 
     For level i = n-1 ... 0: ``adaptive.i`` (AGN conditioned on q), the
     ``up.i.block`` ResBlocks, and for i > 0 the Upsampler ``up.i.upsample``.
@@ -219,7 +219,7 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------- presets
-#: Named sizes (tokenizers.md §2.1). ``z_channels`` is the LFQ code width
+#: Named sizes (docs/open_magvit2.md#tokenizer). ``z_channels`` is the LFQ code width
 #: (18 bits -> 2^18 implicit codes). v1 (commit ec8fba5) used 2 blocks per level.
 OPEN_MAGVIT2_PRESETS: dict[str, dict[str, Any]] = {
     "256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=18, num_groups=32),
@@ -249,18 +249,18 @@ def open_magvit2_config(preset: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def open_magvit2_encoder(*, preset: str | dict[str, Any] = "256", exact_ops: bool = False) -> Encoder:
-    """The Open-MAGVIT2 encoder of a preset (tokenizers.md §2.3); ``exact_ops`` as in the tokenizer."""
+    """The Open-MAGVIT2 encoder of a preset (docs/open_magvit2.md#encoder-and-decoder); ``exact_ops`` as in the tokenizer."""
     return Encoder(**open_magvit2_config(preset), exact_ops=exact_ops)
 
 
 def open_magvit2_decoder(*, preset: str | dict[str, Any] = "256", exact_ops: bool = False) -> Decoder:
-    """The Open-MAGVIT2 decoder of a preset (tokenizers.md §2.4); ``exact_ops`` as in the tokenizer."""
+    """The Open-MAGVIT2 decoder of a preset (docs/open_magvit2.md#encoder-and-decoder); ``exact_ops`` as in the tokenizer."""
     return Decoder(**open_magvit2_config(preset), exact_ops=exact_ops)
 
 
 def open_magvit2_tokenizer(*, quantizer: nn.Module, preset: str | dict[str, Any] = "256",
                            exact_ops: bool = False) -> VQTokenizer:
-    """Open-MAGVIT2's tokenizer (tokenizers.md §2) around an LFQ-style quantizer.
+    """Open-MAGVIT2's tokenizer (docs/open_magvit2.md#tokenizer) around an LFQ-style quantizer.
 
     There are no projections: the quantizer sees the encoder output directly and
     the decoder receives the quantised map q, which also conditions its AGNs.

@@ -1,22 +1,22 @@
-"""IAR2's local-context semantic/detail head (``ar_models.md`` §5.3, §9.5).
+"""IAR2's local-context semantic/detail head (docs/iar2.md#input-aggregation-and-local-context-head, docs/iar2.md#sampling).
 
 Per position n:
 
 1. **Window.** The 12 causal neighbours of cell n = (i, j) on the g×g grid, in
-   this order (§5.3.4): k = 0–4 row i−2, columns j−2 … j+2; k = 5–9 row i−1,
+   this order (docs/iar2.md#input-aggregation-and-local-context-head): k = 0–4 row i−2, columns j−2 … j+2; k = 5–9 row i−1,
    columns j−2 … j+2; k = 10 (i, j−2); k = 11 (i, j−1). Neighbour m contributes
    h_m, the backbone state that predicted token m. Out-of-grid neighbours are
-   zero vectors fed *into* ``mlp1``, so they contribute mlp1(0) (§H quirk).
+   zero vectors fed *into* ``mlp1``, so they contribute mlp1(0) (docs/iar2.md#differences-from-upstream quirk).
 2. **Compression.** ``mlp1`` (D → D//4 → ⌊D/12⌋, shared over the slots), the 12
    outputs concatenated in neighbour order, ``mlp2`` (12·⌊D/12⌋ → 2D → D) → u_n.
 3. **Head sequence** [u_n, h_n, E_s[s_n]] through 5 ``factorized_blocks``
    (causal, RoPE rows 0–2 of the backbone's table: zero, then identity twice
-   under IAR2's ``repeat_interleave``, §2.6), ``norm``, then ``output1``(slot 1)
+   under IAR2's ``repeat_interleave``, docs/open_magvit2.md#next-sub-token-head), ``norm``, then ``output1``(slot 1)
    → semantic logits and ``output2``(slot 2) → detail logits. E_s is the
    embedder's ``tok_embeddings1`` (one tensor; the model ties it).
 
 The window indices are derived from the grid size (any g) and kept as
-non-persistent buffers (pitfall D7). Because ``mlp1`` acts on each neighbour
+non-persistent buffers (docs/iar2.md#differences-from-upstream). Because ``mlp1`` acts on each neighbour
 separately, mlp1 is applied once per position and the 12 compressed vectors are
 gathered (mlp1(gather(h)) = gather(mlp1(h))): training runs mlp1 L times
 instead of 12·L, and sampling keeps a history of mlp1(h_m) (Bc, L+1, ⌊D/12⌋)
@@ -35,7 +35,7 @@ from arforge.nn.llama import RMSNorm, SubtokenRotaryMixin, TransformerBlock, run
 
 __all__ = ["SemanticDetailHead", "window_indices", "NEIGHBOURS"]
 
-#: (row offset, column offset) of the 12 neighbours, in §5.3.4 order
+#: (row offset, column offset) of the 12 neighbours, in docs/iar2.md#input-aggregation-and-local-context-head order
 NEIGHBOURS: tuple[tuple[int, int], ...] = (
     tuple((-2, dc) for dc in range(-2, 3)) + tuple((-1, dc) for dc in range(-2, 3)) + ((0, -2), (0, -1))
 )
@@ -53,7 +53,7 @@ def window_indices(grid_size: int) -> torch.Tensor:
 
 
 class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
-    """Window MLPs + 5-block head over [u_n, h_n, E_s[s_n]] → (semantic, detail) logits (IAR2 §5.3)."""
+    """Window MLPs + 5-block head over [u_n, h_n, E_s[s_n]] → (semantic, detail) logits (IAR2 docs/iar2.md#input-aggregation-and-local-context-head)."""
 
     tied_subtoken = 0  #: reuses the embedder's ``tok_embeddings1``
     n_slots = 3
@@ -65,13 +65,13 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
                  grad_checkpointing: bool = False):
         """
         Args:
-            dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (§5.3.6: same configuration).
-            grid_size: g of the g×g token grid (§3.3: 24), for the neighbour window.
-            n_layer: head blocks (§5.3.6: 5).
-            vocab_sizes: (semantic, detail) vocabularies (§3.3: 256 and 4096).
-            attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (§1.5: 0, 0.1, 0.1).
+            dim, n_head, n_kv_head, ffn_hidden, norm_eps: as the backbone (docs/iar2.md#input-aggregation-and-local-context-head: same configuration).
+            grid_size: g of the g×g token grid (docs/iar2.md#model-sizes: 24), for the neighbour window.
+            n_layer: head blocks (docs/iar2.md#input-aggregation-and-local-context-head: 5).
+            vocab_sizes: (semantic, detail) vocabularies (docs/iar2.md#model-sizes: 256 and 4096).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: block dropouts (docs/llamagen.md#llama-backbone: 0, 0.1, 0.1).
             rope_base, cls_zero_rotation, rope_repeat_interleave: the table whose rows 0–2 the slots
-                use (§2.6; IAR2 checkpoints need ``rope_repeat_interleave``, §2.5).
+                use (docs/open_magvit2.md#next-sub-token-head; IAR2 checkpoints need ``rope_repeat_interleave``, docs/iar2.md#the-repeat-interleaved-rope-table).
             grad_checkpointing: checkpoint each of ``factorized_blocks`` in the training forward
                 (train mode, grad enabled), as :class:`~arforge.nn.llama.LlamaBackbone` does: their
                 activations over the B·L short sequences are recomputed in backward instead of kept.
@@ -89,7 +89,7 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
         self.cls_zero_rotation = cls_zero_rotation
         self.rope_repeat_interleave = rope_repeat_interleave
         self.grad_checkpointing = bool(grad_checkpointing)
-        c = dim // 12  # ⌊D/12⌋ features per neighbour (§3.3)
+        c = dim // 12  # ⌊D/12⌋ features per neighbour (docs/iar2.md#model-sizes)
         self.window_dim = c
         self.mlp1 = nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, c, bias=False))
         self.mlp2 = nn.Sequential(nn.Linear(len(NEIGHBOURS) * c, 2 * dim), nn.GELU(),
@@ -191,7 +191,7 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
 
     def decode_position(self, h: torch.Tensor, n: int,
                         choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """§9.5 steps 2–3: h (Bc, 1, D) -> (s, d) (Bc, 2)."""
+        """docs/iar2.md#sampling steps 2–3: h (Bc, 1, D) -> (s, d) (Bc, 2)."""
         hist = self.history
         if hist is None or hist.shape[0] != h.shape[0]:
             raise RuntimeError("the semantic/detail head's caches are not set up for this batch: call setup_caches")

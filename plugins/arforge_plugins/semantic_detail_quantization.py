@@ -3,10 +3,10 @@
 Paper: "IAR2: Improving Autoregressive Visual Generation with Semantic-Detail
 Associated Token Prediction" (arXiv 2510.06928). Upstream: IAR2
 ``tokenizer/tokenizer_image/vq_model_second_stage.py`` (stage 2) and
-``vq_model.py`` (stage 1). Spec: ``shared/specs/tokenizers.md`` §3.2-3.5,
-``checkpoints.md`` (IAR2 key layout), ``evaluation.md`` §5.5 (usage).
+``vq_model.py`` (stage 1). See docs/iar2.md#stage-1, docs/iar2.md#stage-2, docs/iar2.md#stage-2-training-schedule,
+docs/checkpoints.md (IAR2 key layout), docs/evaluation.md#codebook-usage (usage).
 
-Per position (§3.3):
+Per position (docs/iar2.md#stage-2):
 
 1. ẑ = z/‖z‖; the semantic id s = argmin_k ‖ẑ - ê1_k‖² over the row-normalised
    E1 (256 x 8, parameter ``embedding.weight``), q1 = ê1_s;
@@ -17,7 +17,7 @@ Per position (§3.3):
 
 A token is the pair (s, d): ids (B, h*w, 2). No fused id exists.
 
-Stage 1 (§3.2) is the same module with ``detail_codebook=False``: only E1,
+Stage 1 (docs/iar2.md#stage-1) is the same module with ``detail_codebook=False``: only E1,
 ids (B, h*w, 1), exactly LlamaGen's VQ with 256 codes. Stage 2 starts from a
 stage-1 checkpoint in one of two documented ways:
 
@@ -26,7 +26,7 @@ stage-1 checkpoint in one of two documented ways:
   :meth:`SemanticDetailQuantizer.add_detail_codebook`; or
 * build the stage-2 quantizer and call
   :meth:`SemanticDetailQuantizer.load_stage1_state_dict`, which loads E1
-  strictly and keeps the freshly initialised E2 (§3.5: every stage-1 weight
+  strictly and keeps the freshly initialised E2 (docs/iar2.md#stage-2-training-schedule: every stage-1 weight
   except ``embedding_second``).
 """
 
@@ -44,13 +44,13 @@ from arforge_plugins.vector_quantization import nearest_codes, vq_losses
 
 
 def _uniform_normalised(rows: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:
-    """U(-1/rows, 1/rows), then rows l2-normalised (§3.2, §3.3)."""
+    """U(-1/rows, 1/rows), then rows l2-normalised (docs/iar2.md#stage-1, docs/iar2.md#stage-2)."""
     w = torch.empty(rows, dim, device=device, dtype=dtype).uniform_(-1.0 / rows, 1.0 / rows)
     return F.normalize(w, p=2, dim=-1)
 
 
 class SemanticDetailQuantizer(nn.Module):
-    """IAR2 semantic (E1, normalised) + detail (E2, raw) residual VQ (tokenizers.md §3.3).
+    """IAR2 semantic (E1, normalised) + detail (E2, raw) residual VQ (docs/iar2.md#stage-2).
 
     Training losses (absent in eval mode), already weighted, on the summed z_q
     (on q1 alone in the ``semantic_only`` pass):
@@ -59,7 +59,7 @@ class SemanticDetailQuantizer(nn.Module):
     * ``commitment`` = beta * mean((sg(z_q) - ẑ)²).
 
     The two upstream entropy terms are multiplied by 0 and are not offered.
-    Usage diagnostics (evaluation.md §5.5) are kept outside the module state since
+    Usage diagnostics (docs/evaluation.md#codebook-usage) are kept outside the module state since
     :meth:`reset_usage`: stats ``usage_semantic`` (#distinct s / 256),
     ``usage_detail`` (#distinct d / 4096) and ``usage_pairs`` (#distinct (s, d) / 2^20).
     """
@@ -67,11 +67,11 @@ class SemanticDetailQuantizer(nn.Module):
     def __init__(
         self,
         *,
-        semantic_codebook_size: int = 256,  # rows of E1, the semantic codebook (§3.2)
-        detail_codebook_size: int = 4096,  # rows of E2, the shared detail codebook (§3.3)
-        dim: int = 8,  # code dimension = quant_conv output channels (§3.1)
-        beta: float = 0.25,  # commitment weight (§3.2, §3.3)
-        detail_codebook: bool = True,  # False = the stage-1 quantizer: E1 only, ids (s,) (§3.2)
+        semantic_codebook_size: int = 256,  # rows of E1, the semantic codebook (docs/iar2.md#stage-1)
+        detail_codebook_size: int = 4096,  # rows of E2, the shared detail codebook (docs/iar2.md#stage-2)
+        dim: int = 8,  # code dimension = quant_conv output channels (docs/iar2.md#tokenizer)
+        beta: float = 0.25,  # commitment weight (docs/iar2.md#stage-1, docs/iar2.md#stage-2)
+        detail_codebook: bool = True,  # False = the stage-1 quantizer: E1 only, ids (s,) (docs/iar2.md#stage-1)
     ) -> None:
         super().__init__()
         if semantic_codebook_size < 1 or detail_codebook_size < 1 or dim < 1:
@@ -101,7 +101,7 @@ class SemanticDetailQuantizer(nn.Module):
         return self.embedding_second is not None
 
     def add_detail_codebook(self) -> None:
-        """Turn a stage-1 quantizer into the stage-2 one: create E2, U(±1/4096) then normalised (§3.3).
+        """Turn a stage-1 quantizer into the stage-2 one: create E2, U(±1/4096) then normalised (docs/iar2.md#stage-2).
 
         E1 is kept as is; ids become pairs (s, d). Uses the global torch RNG.
         """
@@ -114,7 +114,7 @@ class SemanticDetailQuantizer(nn.Module):
         self.reset_usage()
 
     def load_stage1_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a stage-1 quantizer state (exactly ``{'embedding.weight'}``) strictly; E2 is untouched (§3.5)."""
+        """Load a stage-1 quantizer state (exactly ``{'embedding.weight'}``) strictly; E2 is untouched (docs/iar2.md#stage-2-training-schedule)."""
         keys = set(state_dict)
         if keys != {"embedding.weight"}:
             raise ConfigError("a stage-1 semantic quantizer state must hold exactly 'embedding.weight' "
@@ -166,8 +166,8 @@ class SemanticDetailQuantizer(nn.Module):
         q1 = F.embedding(s, e1).to(z_hat.dtype)  # (N, D)
         if not self.has_detail_codebook:
             return s, q1, None, None
-        residual = z_hat.detach() - q1.detach()  # not re-normalised (§3.3.3)
-        d = nearest_codes(residual, self.embedding_second.detach())  # raw E2 (§3.3.4)
+        residual = z_hat.detach() - q1.detach()  # not re-normalised (docs/iar2.md#stage-2)
+        d = nearest_codes(residual, self.embedding_second.detach())  # raw E2 (docs/iar2.md#stage-2)
         return s, q1, d, F.embedding(d, self.embedding_second).to(z_hat.dtype)
 
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ class SemanticDetailQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, *, semantic_only: bool = False) -> QuantizerOutput:
         """Quantise features (B, D, h, w).
 
-        ``semantic_only=True`` is the stage-2 "first" pass (§3.4): the output (and the
+        ``semantic_only=True`` is the stage-2 "first" pass (docs/iar2.md#stage-2): the output (and the
         codebook losses) use q1 only; ids are still the full tokens.
         """
         self._check_features(z)
@@ -238,7 +238,7 @@ class SemanticDetailQuantizer(nn.Module):
         return ids
 
     def decode(self, ids: torch.Tensor, grid: tuple[int, int], *, semantic_only: bool = False) -> torch.Tensor:
-        """ids (B, h*w, S) -> features (B, D, h, w): ê1_s + E2_d (``get_codebook_entry``, §3.3).
+        """ids (B, h*w, S) -> features (B, D, h, w): ê1_s + E2_d (``get_codebook_entry``, docs/iar2.md#stage-2).
 
         ``semantic_only=True`` decodes ê1_s alone (and accepts ids (B, h*w, 1)).
         Note: encode(decode(ids)) is not the identity for pairs, because encode

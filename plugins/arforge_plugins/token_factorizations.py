@@ -1,6 +1,6 @@
 """Token factorizations: tokenizer ids (B, L, S) <-> AR sub-tokens (B, L, K), and their input embedders.
 
-``shared/specs/ar_models.md`` §5–§6, ``tokenizers.md`` §2.7. Each class
+docs/llamagen.md#ar-model, docs/llamagen.md#losses, docs/open_magvit2.md#lfq-and-token-ids. Each class
 satisfies :class:`arforge.interfaces.Factorization` and builds the module that
 embeds sub-tokens for the backbone (``build_embedder(dim=...)``):
 
@@ -12,7 +12,7 @@ embeds sub-tokens for the backbone (``build_embedder(dim=...)``):
   embedding is ``aggregation_layer([E_s[s]; E_d[d]])``.
 
 The embedder's parameter names are upstream's, so the checkpoint maps only
-prefix them (``checkpoints.md`` §3, §5, §7).
+prefix them (docs/checkpoints.md#llamagen-and-iar-gpt, docs/checkpoints.md#open-magvit2-ar, docs/checkpoints.md#iar2-gpt).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _check_last_dim(t: torch.Tensor, k: int, what: str) -> None:
 
 # ===================================================================== embedders
 class TokenEmbedding(nn.Module):
-    """One table ``tok_embeddings`` (LlamaGen §5.1): sub_tokens (B, T, 1) -> (B, T, D)."""
+    """One table ``tok_embeddings`` (LlamaGen docs/llamagen.md#linear-head): sub_tokens (B, T, 1) -> (B, T, D)."""
 
     def __init__(self, *, vocab_size: int, dim: int):
         super().__init__()
@@ -55,7 +55,7 @@ class TokenEmbedding(nn.Module):
 
 
 class BitSplitEmbedding(nn.Module):
-    """Open-MAGVIT2 §5.2: e_t = ``pre_emb``[pre_t] + ``post_emb``[post_t]."""
+    """Open-MAGVIT2 docs/open_magvit2.md#next-sub-token-head: e_t = ``pre_emb``[pre_t] + ``post_emb``[post_t]."""
 
     def __init__(self, *, vocab_sizes: tuple[int, int], dim: int):
         super().__init__()
@@ -70,7 +70,7 @@ class BitSplitEmbedding(nn.Module):
 
 
 class SemanticDetailEmbedding(nn.Module):
-    """IAR2 §5.3.2: e_t = Agg([E_s[s_t]; E_d[d_t]]), Agg = Linear(2D→4D) → GELU(erf) → Linear(4D→D)."""
+    """IAR2 docs/iar2.md#input-aggregation-and-local-context-head: e_t = Agg([E_s[s_t]; E_d[d_t]]), Agg = Linear(2D→4D) → GELU(erf) → Linear(4D→D)."""
 
     def __init__(self, *, vocab_sizes: tuple[int, int], dim: int):
         super().__init__()
@@ -90,12 +90,12 @@ class SemanticDetailEmbedding(nn.Module):
 
 # =============================================================== factorizations
 class IdentityFactorization:
-    """LlamaGen/IAR: one id per position, S = K = 1 (``ar_models.md`` §5.1, §6)."""
+    """LlamaGen/IAR: one id per position, S = K = 1 (docs/llamagen.md#linear-head, docs/llamagen.md#losses)."""
 
     subtoken_names = ("token",)
 
     def __init__(self, *, codebook_size: int = 16384):
-        """codebook_size: the tokenizer's vocabulary (§3.1: 16384 for LlamaGen VQ-16)."""
+        """codebook_size: the tokenizer's vocabulary (docs/llamagen.md#model-sizes: 16384 for LlamaGen VQ-16)."""
         self.codebook_sizes = (codebook_size,)
         self.vocab_sizes = (codebook_size,)
 
@@ -115,7 +115,7 @@ class IdentityFactorization:
 
 
 class BitSplitFactorization:
-    """Open-MAGVIT2 asymmetric factorization of LSB-first LFQ ids (``tokenizers.md`` §2.7, ``ar_models.md`` §5.2).
+    """Open-MAGVIT2 asymmetric factorization of LSB-first LFQ ids (docs/open_magvit2.md#lfq-and-token-ids, docs/open_magvit2.md#next-sub-token-head).
 
     With bits [b_0, b_1] the id's low b_0 bits are sub-token 0 and the next b_1
     bits sub-token 1: pre = id & (2^b_0 − 1), post = id >> b_0, id = pre + 2^b_0·post.
@@ -124,7 +124,7 @@ class BitSplitFactorization:
     subtoken_names = ("pre", "post")
 
     def __init__(self, *, bits: Sequence[int] = (6, 12)):
-        """bits: bit groups, low first (§3.2 ``factorized_bits`` [6, 12]; the AR heads have two sub-tokens)."""
+        """bits: bit groups, low first (docs/open_magvit2.md#model-sizes ``factorized_bits`` [6, 12]; the AR heads have two sub-tokens)."""
         bits = tuple(int(b) for b in bits)
         if len(bits) != 2 or min(bits) < 1:
             raise ValueError(f"bits must be two positive group sizes such as (6, 12), got {bits}")
@@ -150,12 +150,12 @@ class BitSplitFactorization:
 
 
 class SemanticDetailFactorization:
-    """IAR2 (s, d) pairs, S = K = 2; p(s, d) = p(s)·p(d | s) (``ar_models.md`` §5.3, §6)."""
+    """IAR2 (s, d) pairs, S = K = 2; p(s, d) = p(s)·p(d | s) (docs/iar2.md#input-aggregation-and-local-context-head, docs/iar2.md#losses)."""
 
     subtoken_names = ("sem", "det")
 
     def __init__(self, *, semantic_size: int = 256, detail_size: int = 4096):
-        """semantic_size / detail_size: the two codebooks (§3.3: 256 and 4096)."""
+        """semantic_size / detail_size: the two codebooks (docs/iar2.md#model-sizes: 256 and 4096)."""
         self.codebook_sizes = (semantic_size, detail_size)
         self.vocab_sizes = (semantic_size, detail_size)
 

@@ -1,8 +1,8 @@
 """Strict key maps between the official tokenizer checkpoints and arforge's tokenizers.
 
-Spec: ``shared/specs/checkpoints.md`` §1 (loading rules), §2 (LlamaGen VQ-16/VQ-8
-and IAR's reordered VQ), §4 (Open-MAGVIT2 tokenizer, raw and EMA weights), §6
-(IAR2 tokenizer), §8 (what each map must cover); ``upstream_pitfalls.md`` A1/A2.
+See docs/checkpoints.md#loading-rules (loading rules), docs/checkpoints.md#llamagen-vq-tokenizer (LlamaGen VQ-16/VQ-8
+and IAR's reordered VQ), docs/checkpoints.md#open-magvit2-tokenizer (Open-MAGVIT2 tokenizer, raw and EMA weights), docs/checkpoints.md#iar2-tokenizer
+(IAR2 tokenizer), docs/checkpoints.md#what-each-strict-map-covers (what each map must cover); docs/checkpoints.md#safe-deserialisation, docs/checkpoints.md#strict-mapping-rules.
 
 arforge's tokenizer modules keep the official attribute names, so the rename
 rules below are identities on names; they are still written out per format so
@@ -32,13 +32,13 @@ from arforge.weights import sha256_of
 from arforge_plugins.ar_checkpoints import TOKENIZER_PREFIX as AR_TOKENIZER_PREFIX
 from arforge_plugins.ar_checkpoints import CheckpointArgsError
 
-#: ``quantize.codebook_used`` / ``codebook_used2``: usage windows of 65,536 ids (tokenizers.md §1.5.8).
+#: ``quantize.codebook_used`` / ``codebook_used2``: usage windows of 65,536 ids (docs/llamagen.md#vector-quantizer).
 USAGE_BUFFER_LENGTH = 65536
 
 
 @dataclass
 class TokenizerLoadResult:
-    """What was loaded, for the run's records (checkpoints.md §1.2: "the choice is recorded")."""
+    """What was loaded, for the run's records (docs/checkpoints.md#containers: "the choice is recorded")."""
 
     format: str  #: "llamagen_vq", "iar2_vq", "open_magvit2"
     weights: str  #: "model" (raw) or "ema"
@@ -96,12 +96,12 @@ LLAMAGEN_VQ_RULES: list[tuple[str, str]] = [_same(p) for p in (
 
 
 def llamagen_vq_keymap() -> KeyMap:
-    """LlamaGen VQ-16/VQ-8 and IAR's reordered VQ-16; also IAR2 stage 1 (checkpoints.md §2, §6)."""
+    """LlamaGen VQ-16/VQ-8 and IAR's reordered VQ-16; also IAR2 stage 1 (docs/checkpoints.md#llamagen-vq-tokenizer, docs/checkpoints.md#iar2-tokenizer)."""
     return KeyMap(name="LlamaGen VQ tokenizer", rules=LLAMAGEN_VQ_RULES, drop=[r"quantize\.codebook_used"])
 
 
 def iar2_vq_keymap() -> KeyMap:
-    """IAR2 stage-2 tokenizer: the VQ-16 layout plus the bare detail codebook (checkpoints.md §6)."""
+    """IAR2 stage-2 tokenizer: the VQ-16 layout plus the bare detail codebook (docs/checkpoints.md#iar2-tokenizer)."""
     return KeyMap(name="IAR2 semantic-detail tokenizer",
                   rules=LLAMAGEN_VQ_RULES + [_same(r"quantize\.embedding_second")],
                   drop=[r"quantize\.codebook_used", r"quantize\.codebook_used2"])
@@ -208,7 +208,7 @@ OPEN_MAGVIT2_RULES: list[tuple[str, str]] = [_same(p) for p in (
     r"decoder\.up\.(\d+)\.upsample\.conv1\.(weight|bias)",
 )]
 
-#: Lightning entries that are never generator weights (checkpoints.md §4).
+#: Lightning entries that are never generator weights (docs/checkpoints.md#open-magvit2-tokenizer).
 _OMV2_TRAINING_ONLY = [r"loss\..*"]
 _OMV2_EMA_META = [r"model_ema\.decay", r"model_ema\.num_updates", r"model_ema\.loss.*"]
 
@@ -241,7 +241,7 @@ def open_magvit2_ema_keymap(tokenizer: nn.Module) -> KeyMap:
     """EMA weights ``model_ema.<name without dots>``, resolved against the live module's names.
 
     Raw ``encoder.*``/``decoder.*``, ``loss.*``, ``model_ema.{decay,num_updates}`` and the
-    discriminator's EMA entries are dropped (checkpoints.md §4, §8).
+    discriminator's EMA entries are dropped (docs/checkpoints.md#open-magvit2-tokenizer, docs/checkpoints.md#what-each-strict-map-covers).
     """
     names = ema_name_map(tokenizer)
     rules = [(re.escape(flat), name) for flat, name in names.items()]
@@ -257,9 +257,9 @@ def load_open_magvit2_tokenizer(tokenizer: nn.Module, checkpoint: Any, *, which:
         tokenizer: built by ``open_magvit2_tokenizer`` (the LFQ holds no persistent state).
         checkpoint: a path, the Lightning container (``{"state_dict": ...}``) or its state dict;
             also an ``AR_256_*.ckpt``, whose ``first_stage_model.*`` entries are the tokenizer
-            (checkpoints.md §5; the transformer's entries are the AR loader's).
+            (docs/checkpoints.md#open-magvit2-ar; the transformer's entries are the AR loader's).
         which: "model" (raw weights), "ema", or "auto" (EMA when the file has it: the
-            tokenizer-evaluation default, checkpoints.md §4).
+            tokenizer-evaluation default, docs/checkpoints.md#open-magvit2-tokenizer).
     """
     if which not in ("model", "ema", "auto"):
         raise ValueError(f"which must be 'model', 'ema' or 'auto' (got {which!r})")
@@ -300,7 +300,7 @@ _DISC_RULE = r"main\.(\d+)\.(weight|bias|running_mean|running_var|num_batches_tr
 
 def load_patchgan_discriminator(discriminator: nn.Module, checkpoint: Any, *, layout: str = "llamagen"
                                 ) -> TokenizerLoadResult:
-    """Load the PatchGAN weights needed to resume training (checkpoints.md §2, §4).
+    """Load the PatchGAN weights needed to resume training (docs/checkpoints.md#llamagen-vq-tokenizer, docs/checkpoints.md#open-magvit2-tokenizer).
 
     ``layout="llamagen"``: the ``discriminator`` entry of a LlamaGen/IAR/IAR2 VQ
     container (``main.*``). ``layout="open_magvit2"``: ``loss.discriminator.main.*``

@@ -2,8 +2,8 @@
 
 Paper: "Autoregressive Model Beats Diffusion: Llama for Scalable Image
 Generation". Upstream: LlamaGen ``tokenizer/tokenizer_image/vq_model.py``
-(``VectorQuantizer``). Spec: ``shared/specs/tokenizers.md`` §1.5; IAR2's stage-1
-semantic codebook is this quantizer with 256 codes (§3.2).
+(``VectorQuantizer``). See docs/llamagen.md#vector-quantizer; IAR2's stage-1
+semantic codebook is this quantizer with 256 codes (docs/iar2.md#stage-1).
 
 Per position, ẑ = z/‖z‖ is matched to the row-normalised codebook Ê by the
 squared distance (the largest cosine similarity); the straight-through output is
@@ -24,7 +24,7 @@ from arforge.device import at_least_fp32, full_precision
 from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
 
-#: The ``+1e-5`` in H_batch = -sum p_bar log(p_bar + 1e-5) is part of the definition (§1.5.7).
+#: The ``+1e-5`` in H_batch = -sum p_bar log(p_bar + 1e-5) is part of the definition (docs/llamagen.md#vector-quantizer).
 BATCH_ENTROPY_EPS = 1e-5
 #: Tokens per block of the nearest-code search (bounds the N x K distance matrix).
 LOOKUP_BLOCK = 4096
@@ -62,7 +62,7 @@ def _chunk_terms(z_hat: torch.Tensor, codebook: torch.Tensor, lse: torch.Tensor,
 
 def vq_entropy_terms(z_hat: torch.Tensor, codebook: torch.Tensor, *, tau: float = 0.01,
                      chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H_sample, H_batch) of LlamaGen's entropy loss (§1.5.7), exactly, in fp32.
+    """(H_sample, H_batch) of LlamaGen's entropy loss (docs/llamagen.md#vector-quantizer), exactly, in fp32.
 
     Affinities a_nk = -‖ẑ_n - ê_k‖², p = softmax(a/tau). The softmax normaliser is
     accumulated chunk by chunk over the codes, then p is rebuilt per chunk; with
@@ -87,7 +87,7 @@ def vq_entropy_terms(z_hat: torch.Tensor, codebook: torch.Tensor, *, tau: float 
 
 
 def vq_losses(z_q: torch.Tensor, z_hat: torch.Tensor, *, beta: float, losses: dict, stats: dict) -> None:
-    """vq = mean((z_q - sg(ẑ))²) and commitment = β·mean((sg(z_q) - ẑ)²) (tokenizers.md §1.5.3, §3.3).
+    """vq = mean((z_q - sg(ẑ))²) and commitment = β·mean((sg(z_q) - ẑ)²) (docs/llamagen.md#vector-quantizer, docs/iar2.md#stage-2).
 
     Shared by LlamaGen's VQ and IAR2's two-level quantizer (there on the summed z_q).
     """
@@ -99,7 +99,7 @@ def vq_losses(z_q: torch.Tensor, z_hat: torch.Tensor, *, beta: float, losses: di
 
 
 class VectorQuantizer(nn.Module):
-    """LlamaGen VQ with an l2-normalised codebook (tokenizers.md §1.5): ids (B, h*w, 1).
+    """LlamaGen VQ with an l2-normalised codebook (docs/llamagen.md#vector-quantizer): ids (B, h*w, 1).
 
     Training losses (absent in eval mode), already weighted:
 
@@ -117,11 +117,11 @@ class VectorQuantizer(nn.Module):
     def __init__(
         self,
         *,
-        codebook_size: int = 16384,  # K rows of the codebook (§1.1: 16384; IAR2 stage 1: 256, §3.2)
-        dim: int = 8,  # code dimension = quant_conv output channels (§1.3)
-        beta: float = 0.25,  # commitment weight (§1.5.3)
-        entropy_loss_ratio: float = 0.0,  # weight of H_sample - H_batch; 0 = off as upstream (§1.5.3)
-        entropy_temperature: float = 0.01,  # tau of the entropy softmax over -‖ẑ - ê‖² (§1.5.7)
+        codebook_size: int = 16384,  # K rows of the codebook (docs/llamagen.md#tokenizer: 16384; IAR2 stage 1: 256, docs/iar2.md#stage-1)
+        dim: int = 8,  # code dimension = quant_conv output channels (docs/llamagen.md#encoder-and-decoder)
+        beta: float = 0.25,  # commitment weight (docs/llamagen.md#vector-quantizer)
+        entropy_loss_ratio: float = 0.0,  # weight of H_sample - H_batch; 0 = off as upstream (docs/llamagen.md#vector-quantizer)
+        entropy_temperature: float = 0.01,  # tau of the entropy softmax over -‖ẑ - ê‖² (docs/llamagen.md#vector-quantizer)
         entropy_chunk_size: int = 4096,  # codes per chunk of the entropy computation (memory O(N * chunk))
     ) -> None:
         super().__init__()
@@ -139,7 +139,7 @@ class VectorQuantizer(nn.Module):
         self.entropy_temperature = float(entropy_temperature)
         self.entropy_chunk_size = int(entropy_chunk_size)
         self.embedding = nn.Embedding(self.codebook_size, self.dim)
-        with torch.no_grad():  # §1.5.5: U(-1/K, 1/K), then rows l2-normalised
+        with torch.no_grad():  # docs/llamagen.md#vector-quantizer: U(-1/K, 1/K), then rows l2-normalised
             self.embedding.weight.uniform_(-1.0 / self.codebook_size, 1.0 / self.codebook_size)
             self.embedding.weight.copy_(F.normalize(self.embedding.weight, p=2, dim=-1))
         self._usage_counts: torch.Tensor | None = None
@@ -211,7 +211,7 @@ class VectorQuantizer(nn.Module):
                                                      chunk_size=self.entropy_chunk_size)
                 losses["entropy"] = self.entropy_loss_ratio * (h_sample - h_batch)
                 stats.update(sample_entropy=h_sample.detach(), batch_entropy=h_batch.detach())
-        z_st = z_hat + (z_q - z_hat).detach()  # straight-through on the normalised ẑ (§1.5.4)
+        z_st = z_hat + (z_q - z_hat).detach()  # straight-through on the normalised ẑ (docs/llamagen.md#vector-quantizer)
         z_st = z_st.reshape(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
         return QuantizerOutput(z_q=z_st, ids=idx.reshape(b, h * w, 1), losses=losses, stats=stats)
 
@@ -225,7 +225,7 @@ class VectorQuantizer(nn.Module):
         return ids
 
     def decode(self, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """ids (B, h*w, 1) -> normalised codes as features (B, D, h, w) (§1.5.6)."""
+        """ids (B, h*w, 1) -> normalised codes as features (B, D, h, w) (docs/llamagen.md#vector-quantizer)."""
         h, w = grid
         if ids.ndim != 3 or ids.shape[1] != h * w:
             raise ValueError(f"ids must have shape (B, {h * w}, 1) for grid {grid}, got {tuple(ids.shape)}")

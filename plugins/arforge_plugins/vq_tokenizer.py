@@ -1,8 +1,8 @@
 """A generic discrete image tokenizer: encoder -> [quant_conv] -> quantizer -> [post_quant_conv] -> decoder.
 
-One composition serves LlamaGen VQ-16/VQ-8 (``tokenizers.md`` §1: 1x1
-``quant_conv``/``post_quant_conv`` around an l2-normalised VQ), IAR2 (§3: the
-same backbone around the semantic-detail quantizer) and Open-MAGVIT2 (§2: no
+One composition serves LlamaGen VQ-16/VQ-8 (docs/llamagen.md#tokenizer: 1x1
+``quant_conv``/``post_quant_conv`` around an l2-normalised VQ), IAR2 (docs/iar2.md#tokenizer: the
+same backbone around the semantic-detail quantizer) and Open-MAGVIT2 (docs/open_magvit2.md#tokenizer: no
 projections; the decoder's adaptive GroupNorms are conditioned on the
 quantised map q).
 
@@ -50,9 +50,9 @@ class VQTokenizer(nn.Module):
             encoder: images (B, 3, H, W) -> features (B, C, H/downsample, W/downsample).
             quantize: the quantizer (``arforge.interfaces.Quantizer``).
             decoder: features -> images. With ``decoder_takes_quant`` it is called as
-                ``decoder(h, q)`` where q is the quantised map (Open-MAGVIT2 AGN, §2.4-2.5).
+                ``decoder(h, q)`` where q is the quantised map (Open-MAGVIT2 AGN, docs/open_magvit2.md#encoder-and-decoder, docs/open_magvit2.md#adaptive-groupnorm).
             quant_conv / post_quant_conv: optional projections around the quantizer
-                (LlamaGen's 1x1 convs 256 <-> 8, §1.3-1.4); None for Open-MAGVIT2.
+                (LlamaGen's 1x1 convs 256 <-> 8, docs/llamagen.md#encoder-and-decoder); None for Open-MAGVIT2.
             downsample: image pixels per token along each axis (8 or 16 at paper scale).
         """
         super().__init__()

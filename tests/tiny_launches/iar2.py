@@ -90,7 +90,7 @@ def expect(lf: tl.LaunchFile, world: tl.World, result) -> None:
 
 
 def expect_started_from(lf: tl.LaunchFile, world: tl.World, ck) -> None:
-    """Stage 2 starts from stage 1 (tokenizers.md §3.5): every weight but the new detail codebook,
+    """Stage 2 starts from stage 1 (docs/iar2.md#stage-2-training-schedule): every weight but the new detail codebook,
     the discriminator's included. Each Adam step moves a weight by at most about ``lr``, so after
     the tiny budget every inherited parameter is within ``steps * lr`` of stage 1's final value,
     while a fresh initialisation would be off by orders of magnitude more."""

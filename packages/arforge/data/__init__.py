@@ -1,7 +1,7 @@
 """arforge's data layer: image datasets, transforms, token codes and their extraction.
 
 - :mod:`arforge.data.transforms`: the ADM and Open-MAGVIT2 transforms and the
-  extraction crops (``tokenizers.md`` §6, §7), selectable by name.
+  extraction crops (docs/data.md#transforms, docs/data.md#ten-crop-code-extraction), selectable by name.
 - :mod:`arforge.data.image_datasets`: ImageNet-layout folders, webdataset
   shards (and the shard writer), :func:`make_loader`, :class:`DataError`.
 - :mod:`arforge.data.digits`: scikit-learn's digits, the offline quickstart data.

@@ -1,6 +1,6 @@
 """The code-extraction job: run a tokenizer over a dataset and write token codes.
 
-``tokenizers.md`` §7 (ten-crop extraction of LlamaGen, IAR and IAR2), written
+docs/data.md#ten-crop-code-extraction (ten-crop extraction of LlamaGen, IAR and IAR2), written
 in arforge's format (:mod:`arforge.data.token_codes`). Per image the views are
 
 - ``ten_crop=True``: center_crop_arr to int(S * crop_range), then TenCrop(S):
@@ -164,7 +164,7 @@ def extract_codes(ctx: Any = None, *, tokenizer: Any, dataset: Dataset, output_d
                   factorization: str = "identity", overwrite: bool = False, progress: bool = True) -> ExtractionResult:
     """Encode every image of ``dataset`` in its augmented views and write a token-code folder.
 
-    ``tokenizers.md`` §7. The tokenizer runs in eval mode, in fp32 whatever
+    docs/data.md#ten-crop-code-extraction. The tokenizer runs in eval mode, in fp32 whatever
     ``ctx.precision`` says (reduced precision can flip an argmin, i.e. an id).
 
     Args:

@@ -115,8 +115,8 @@ def scan_image_folder(root: str | os.PathLike, *, extensions: Sequence[str] = IM
     Classes are the sorted subfolder names (hidden ones skipped); files are
     walked recursively, sorted, filtered by suffix (case-insensitive). The
     index of a file is therefore the upstream ``ImageFolder`` index
-    (``tokenizers.md`` §7). ``exclude`` lists file names to leave out (e.g.
-    Open-MAGVIT2's ``n06596364_9591.JPEG``, §6).
+    (docs/data.md#ten-crop-code-extraction). ``exclude`` lists file names to leave out (e.g.
+    Open-MAGVIT2's ``n06596364_9591.JPEG``, docs/data.md#transforms).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -158,7 +158,7 @@ class ImageFolderDataset(Dataset):
     Args:
         root: the folder (``root/<class>/<image>``).
         transform: a name from :data:`arforge.data.transforms.TRANSFORMS`
-            (``tokenizers.md`` §6: ``adm_train``, ``adm_eval``, ``magvit2_train``,
+            (docs/data.md#transforms: ``adm_train``, ``adm_eval``, ``magvit2_train``,
             ``magvit2_eval``, ``to_tensor``), any callable from an RGB PIL
             image to a tensor, or None to return the PIL image itself.
         image_size: the side S of a named transform.
@@ -271,7 +271,7 @@ class ImageShardsDataset(IterableDataset):
     Args:
         urls: a brace pattern (``shards/train-{000000..000009}.tar``), a list of
             shards, or a folder of ``*.tar``.
-        transform, image_size: as :class:`ImageFolderDataset` (``tokenizers.md`` §6).
+        transform, image_size: as :class:`ImageFolderDataset` (docs/data.md#transforms).
         info: the sidecar JSON written by :func:`write_image_shards` (class
             names, sample count); default ``<shard dir>/<prefix>.json`` if present.
         num_samples: the dataset length, when there is no sidecar JSON.
@@ -366,8 +366,8 @@ class ImageShardsDataset(IterableDataset):
             random.Random(_mix(self.seed, epoch)).shuffle(urls)
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         # An explicit pipeline rather than wds.WebDataset: the shard order is ours
-        # (no shardshuffle), an empty rank or worker is fine (no empty_check; see
-        # stack.md), and our opener closes each shard when it is done, which
+        # (no shardshuffle), an empty rank or worker is fine (no empty_check: webdataset
+        # 1.0.2 otherwise refuses more workers than shards), and our opener closes each shard when it is done, which
         # webdataset 1.0.2's opener leaves to the garbage collector.
         stages: list[Any] = [
             wds.SimpleShardList(urls),

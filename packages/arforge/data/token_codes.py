@@ -1,6 +1,6 @@
 """Pre-extracted token codes on disk: the format, its writer and its reader.
 
-``tokenizers.md`` §7 and ``upstream_pitfalls.md`` B1. Upstream writes one tiny
+docs/data.md#ten-crop-code-extraction and docs/data.md#token-code-folders. Upstream writes one tiny
 ``.npy`` per image, finds the number of augmentations by a path substring and
 hard-codes the file count. arforge writes one folder of a few large arrays::
 
@@ -400,14 +400,14 @@ def _load_remap(remap: Any) -> np.ndarray:
 class TokenCodeDataset(Dataset):
     """Reads a token-code folder: one augmentation per read, optional secondary set and remap.
 
-    ``tokenizers.md`` §7 (loading) and ``upstream_pitfalls.md`` B1.
+    docs/data.md#ten-crop-code-extraction (loading) and docs/data.md#token-code-folders.
 
     Args:
         root: the token-code folder (``manifest.json`` + arrays).
         secondary: another extraction of the same images (e.g. crop_range 1.05),
             used instead of ``root`` with probability ``secondary_prob``.
         secondary_prob: 0.5 upstream.
-        remap: IAR's mapping (``tokenizers.md`` §4, mapping[old id] = new id):
+        remap: IAR's mapping (docs/iar.md#codebook-clustering, mapping[old id] = new id):
             a LongTensor, an array, or a ``.pt``/``.npy`` file.
         remap_component: the id component the remap applies to.
         codebook_sizes: if given, :meth:`check_vocab` runs on open.

@@ -1,8 +1,8 @@
-"""Image transforms of the three methods (``shared/specs/tokenizers.md`` §6, §7).
+"""Image transforms of the three methods (docs/data.md#transforms, docs/data.md#ten-crop-code-extraction).
 
 Every transform takes an RGB PIL image and returns a float tensor in [-1, 1]:
 (3, S, S) for one view, (A, 3, S, S) for the A views of the extraction crops.
-Pixels become x = pixel / 127.5 - 1 (the spec's convention, equal to ToTensor
+Pixels become x = pixel / 127.5 - 1 (the convention of docs/data.md, equal to ToTensor
 followed by Normalize(0.5, 0.5) up to float rounding).
 
 Randomness: ``random_crop_arr`` and the ADM flip draw from Python's ``random``
@@ -72,7 +72,7 @@ def _resize_short_side(image: Image.Image, short_target: int) -> Image.Image:
 
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
-    """ADM ``center_crop_arr`` (``tokenizers.md`` §6).
+    """ADM ``center_crop_arr`` (docs/data.md#transforms).
 
     1. BOX-halve while the shorter side >= 2S; 2. BICUBIC resize to short side S
     (each side round(side * S / short)); 3. crop S x S at ((H'-S)//2, (W'-S)//2).
@@ -94,7 +94,7 @@ def random_crop_range(image_size: int, min_crop_frac: float = 0.8,
 
 def random_crop_arr(image: Image.Image, image_size: int, min_crop_frac: float = 0.8,
                     max_crop_frac: float = 1.0, *, rng: random.Random | None = None) -> Image.Image:
-    """ADM ``random_crop_arr`` (``tokenizers.md`` §6).
+    """ADM ``random_crop_arr`` (docs/data.md#transforms).
 
     Draws the short side s uniformly from the integers of
     :func:`random_crop_range`, BOX-halves while the shorter side >= 2s, BICUBIC
@@ -113,7 +113,7 @@ def random_crop_arr(image: Image.Image, image_size: int, min_crop_frac: float = 
 
 # ------------------------------------------------------- named transforms
 class ADMTrainTransform:
-    """LlamaGen VQ / IAR / IAR2 train transform (``tokenizers.md`` §6).
+    """LlamaGen VQ / IAR / IAR2 train transform (docs/data.md#transforms).
 
     random_crop_arr(S, 0.8, 1.0) -> horizontal flip with p = 0.5 -> [-1, 1].
     """
@@ -135,7 +135,7 @@ class ADMTrainTransform:
 
 
 class ADMEvalTransform:
-    """LlamaGen VQ / IAR / IAR2 eval transform: center_crop_arr(S) -> [-1, 1] (``tokenizers.md`` §6)."""
+    """LlamaGen VQ / IAR / IAR2 eval transform: center_crop_arr(S) -> [-1, 1] (docs/data.md#transforms)."""
 
     def __init__(self, *, image_size: int) -> None:
         self.image_size = image_size
@@ -145,7 +145,7 @@ class ADMEvalTransform:
 
 
 class Magvit2TrainTransform:
-    """Open-MAGVIT2 train transform (``tokenizers.md`` §6).
+    """Open-MAGVIT2 train transform (docs/data.md#transforms).
 
     torchvision Resize(S) on the short side (bilinear, antialiased on PIL input)
     -> RandomCrop(S); **no flip**; x / 127.5 - 1.
@@ -165,7 +165,7 @@ class Magvit2TrainTransform:
 
 
 class Magvit2EvalTransform:
-    """Open-MAGVIT2 eval transform: Resize(S) -> CenterCrop(S) -> [-1, 1] (``tokenizers.md`` §6)."""
+    """Open-MAGVIT2 eval transform: Resize(S) -> CenterCrop(S) -> [-1, 1] (docs/data.md#transforms)."""
 
     def __init__(self, *, image_size: int) -> None:
         from torchvision import transforms as T
@@ -220,7 +220,7 @@ def ten_crop(image: Image.Image, size: int) -> list[Image.Image]:
 
 
 class ExtractionCrops:
-    """The augmented views of code extraction (``tokenizers.md`` §7).
+    """The augmented views of code extraction (docs/data.md#ten-crop-code-extraction).
 
     - ``ten_crop=True``: center_crop_arr to int(S * crop_range) (422 for S = 384,
       crop_range 1.1), then torchvision TenCrop(S): top-left, top-right,

@@ -1,6 +1,6 @@
 """Evaluation: the feature-extractor slot, sample/reference batches, reconstruction metrics and jobs.
 
-``shared/specs/evaluation.md``. The metric math (ADM semantics) is
+docs/evaluation.md. The metric math (ADM semantics) is
 :mod:`arforge.metrics.adm`; this package feeds it:
 
 - :mod:`arforge.evaluation.feature_extractors`: the :class:`FeatureExtractor`

@@ -1,6 +1,6 @@
 """The feature-extractor plugin slot and the ADM Inception-v3 port.
 
-``shared/specs/evaluation.md`` §2, §6, §7. Metric code takes its network as an
+docs/evaluation.md#adm-evaluator-semantics, docs/evaluation.md#testing-metric-code, docs/evaluation.md#weights. Metric code takes its network as an
 injected :class:`FeatureExtractor`: anything with a ``name``, a
 ``weights_sha256`` and ``features(uint8 NHWC images) -> Features``. Two ship:
 
@@ -85,7 +85,7 @@ def _import_torch_fidelity():
     except ImportError as exc:
         raise FeatureExtractorError(
             "the Inception feature extractor needs torch-fidelity (its TF1-exact bilinear resize; "
-            "evaluation.md §2.7), which is not installed. Install it with: pip install 'arforge[fid]' "
+            "docs/evaluation.md#using-a-pytorch-port), which is not installed. Install it with: pip install 'arforge[fid]' "
             f"(or pip install torch-fidelity). ({exc})") from exc
     return FeatureExtractorInceptionV3
 
@@ -94,15 +94,15 @@ class InceptionV3Features(nn.Module):
     """The ADM evaluator's Inception-v3 (2015-12-05 FID weights) through torch-fidelity.
 
     "Diffusion Models Beat GANs on Image Synthesis" (guided-diffusion
-    ``evaluations/evaluator.py``), ported per ``evaluation.md`` §2.7:
+    ``evaluations/evaluator.py``), ported per docs/evaluation.md#using-a-pytorch-port:
 
     - input uint8 images at any size, resized to 299 with torch-fidelity's
       TF1-exact bilinear resize (``interpolate_bilinear_2d_like_tensorflow1x``)
       and normalised as the TF graph does;
     - ``pool``: torch-fidelity feature ``'2048'`` (pool_3);
     - ``logits``: feature ``'logits_unbiased'``: pool_3 @ fc.weight.T over 1008
-      classes, **no bias** (§2.5);
-    - ``spatial`` (sFID, §2.2): the ADM evaluator reads the TF tensor
+      classes, **no bias** (docs/evaluation.md#inception-score);
+    - ``spatial`` (sFID, docs/evaluation.md#adm-evaluator-semantics): the ADM evaluator reads the TF tensor
       ``mixed_6/conv:0`` and keeps ``[..., :7]``. torch-fidelity exposes no such
       feature, so arforge hooks :attr:`SFID_MODULE` = ``Mixed_6d.branch1x1``
       (its BasicConv2d output: conv -> BN -> ReLU, 192 x 17 x 17), keeps the
@@ -119,7 +119,7 @@ class InceptionV3Features(nn.Module):
 
     Weights: ``weights-inception-2015-12-05-6726825d.pth`` from ``weights_path``
     or ``$TORCH_HOME/hub/checkpoints``; no Python package ships it and arforge
-    never downloads it (§7). The file is read with ``torch.load(weights_only=True)``
+    never downloads it (docs/evaluation.md#weights). The file is read with ``torch.load(weights_only=True)``
     (torch-fidelity itself would unpickle it unrestricted) and its SHA-256
     prefix is checked.
     """

@@ -7,11 +7,11 @@
 - :func:`evaluate_reconstructions` (``jobs.evaluate_reconstructions``): a
   tokenizer's rFID/PSNR/SSIM/LPIPS/usage through ``@evaluators.reconstruction()``.
 - :func:`make_reference` (``jobs.make_reference``): an ADM-format reference
-  batch from any dataset (``shared/specs/evaluation.md`` §3-4), optionally
+  batch from any dataset (docs/evaluation.md#sample-files, docs/evaluation.md#reference-batch), optionally
   with FID/sFID statistics from a feature extractor.
 
 With every result the evaluator backend, the SHA-256 of its weights, the
-sample count and the seed are recorded (evaluation.md §1 step 4).
+sample count and the seed are recorded (docs/evaluation.md#generation-protocol step 4).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
     """Evaluate a sample batch against a reference batch and log everything.
 
     Args:
-        samples: the sample ``.npz`` (``arr_0`` uint8 NHWC, evaluation.md §3).
-        reference: the reference ``.npz`` (e.g. ``VIRTUAL_imagenet256_labeled.npz``, §4).
+        samples: the sample ``.npz`` (``arr_0`` uint8 NHWC, docs/evaluation.md#sample-files).
+        reference: the reference ``.npz`` (e.g. ``VIRTUAL_imagenet256_labeled.npz``, docs/evaluation.md#reference-batch).
         evaluator: ``@evaluators.generation()`` (any object with ``evaluate``).
         fidelity_steps: sample counts, e.g. ``(1000, 5000, 50000)``: the FID of
             each prefix (file order) is logged as metric ``fid`` at that step and
@@ -61,7 +61,7 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
             stops before the remaining samples are read.
         sample_seed: the seed of the run that wrote the samples, recorded with
             the result (default: this launch's seed, as in a sample-and-evaluate pipeline).
-        label_scheme: how the labels were drawn ("50 per class", "uniform"), recorded (§3).
+        label_scheme: how the labels were drawn ("50 per class", "uniform"), recorded (docs/evaluation.md#sample-files).
 
     Returns:
         The metrics: ``fid``, ``sfid``, ``is``, ``precision``, ``recall`` (those the extractor supports).
@@ -120,7 +120,7 @@ def evaluate_samples(ctx, *, samples: str | os.PathLike, reference: str | os.Pat
 # ========================================================== reconstructions
 def evaluate_reconstructions(ctx, *, tokenizer, dataset, evaluator, checkpoint: str | os.PathLike | None = None,
                              weights: str = "auto") -> dict[str, float]:
-    """rFID (protocol B), PSNR, SSIM, LPIPS and codebook usage of a tokenizer (evaluation.md §5).
+    """rFID (protocol B), PSNR, SSIM, LPIPS and codebook usage of a tokenizer (docs/evaluation.md#tokenizer-metrics).
 
     Args:
         tokenizer: e.g. ``@tokenizers.llamagen_vq()``.
@@ -128,7 +128,7 @@ def evaluate_reconstructions(ctx, *, tokenizer, dataset, evaluator, checkpoint: 
         evaluator: ``@evaluators.reconstruction()``.
         checkpoint: an arforge checkpoint directory to load into ``tokenizer`` (default: as built).
         weights: which weights of the checkpoint: ``ema``, ``model``, or ``auto`` (EMA if
-            present, else model; upstream's rule). The choice is recorded (pitfalls F4).
+            present, else model; upstream's rule). The choice is recorded (docs/checkpoints.md#open-magvit2-ar).
     """
     V.check_args("jobs.evaluate_reconstructions", locals(), where=ctx,
                  checkpoint=V.optional(V.PATH), weights=V.choice("auto", "ema", "model"))
@@ -179,7 +179,7 @@ def _collate(items):
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic, align_corners=False, no antialiasing, then clamp: the sample protocol (evaluation.md §3)."""
+    """Bicubic, align_corners=False, no antialiasing, then clamp: the sample protocol (docs/evaluation.md#sample-files)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -188,7 +188,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 def make_reference(ctx, *, dataset, output: str | os.PathLike, num_images: int | None = None,
                    image_size: int | None = None, feature_extractor=None, seed: int = 0, batch_size: int = 64,
                    num_workers: int = 0, progress: bool = True) -> ReferenceInfo | None:
-    """Write an ADM-format reference batch from a dataset (evaluation.md §3-4).
+    """Write an ADM-format reference batch from a dataset (docs/evaluation.md#sample-files, docs/evaluation.md#reference-batch).
 
     ``arr_0``: the images as uint8 NHWC by rounding (``to_uint8``), in the
     order ``np.random.default_rng(seed).permutation(len(dataset))[:num_images]``;

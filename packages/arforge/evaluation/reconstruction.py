@@ -1,18 +1,18 @@
 """Tokenizer reconstruction metrics in one pass: rFID (protocol B), PSNR, SSIM, LPIPS, codebook usage.
 
-``shared/specs/evaluation.md`` §5. Every image is encoded and decoded once;
+docs/evaluation.md#tokenizer-metrics. Every image is encoded and decoded once;
 from the same pass come
 
-- per-image PSNR and SSIM on the uint8-rounded pair (§5.2-5.3; pitfalls F1-F3:
+- per-image PSNR and SSIM on the uint8-rounded pair (docs/evaluation.md#psnr, docs/evaluation.md#ssim; docs/evaluation.md#upstream-metric-bugs:
   ``data_range=1``, per image, mean over images);
-- LPIPS per image for each injected network (§5.4: original and the
+- LPIPS per image for each injected network (docs/evaluation.md#lpips: original and the
   reconstruction clamped to [-1, 1]), reported separately, e.g. ``lpips_alex``
   and ``lpips_vgg``;
 - codebook usage per id component, and of (s, d) pairs for two-component ids
-  (§5.5: distinct ids / codebook size);
+  (docs/evaluation.md#codebook-usage: distinct ids / codebook size);
 - rFID, protocol B (Open-MAGVIT2): the Fréchet distance between the features
   of the originals and of their reconstructions, same crops, with the
-  injected feature extractor (§5.1). Open-MAGVIT2 fed pytorch-fid's
+  injected feature extractor (docs/evaluation.md#rfid-protocols). Open-MAGVIT2 fed pytorch-fid's
   InceptionV3 float [0, 1] images with a bilinear resize; here the extractor
   sees the uint8-rounded pair (for Inception: torch-fidelity's TF1 resize), so
   the number is protocol B's pairing, not a bit-exact copy of that code path.
@@ -36,7 +36,7 @@ from arforge.metrics import adm
 
 @dataclass
 class CodebookUsage:
-    """Distinct ids per component (and distinct tuples when S > 1) over everything seen (§5.5)."""
+    """Distinct ids per component (and distinct tuples when S > 1) over everything seen (docs/evaluation.md#codebook-usage)."""
 
     codebook_sizes: tuple[int, ...]
     seen: list[set[int]] = field(default_factory=list)

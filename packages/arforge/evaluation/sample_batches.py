@@ -1,6 +1,6 @@
 """Sample and reference batches: ADM-format ``.npz`` files, read and written in a stream.
 
-``shared/specs/evaluation.md`` §3-4. A batch holds ``arr_0``: uint8 images
+docs/evaluation.md#sample-files, docs/evaluation.md#reference-batch. A batch holds ``arr_0``: uint8 images
 (N, H, W, 3), NHWC, RGB, C-contiguous, written uncompressed with ``np.savez``
 semantics; optionally ``arr_1`` (int64 labels, ignored by the evaluator) and,
 for a reference batch, FID statistics ``mu``/``sigma`` and sFID statistics
@@ -70,7 +70,7 @@ def _check_images(shape, fortran: bool, dtype: np.dtype, path: Path) -> None:
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         raise BatchFileError(
             f"{path}: arr_0 must be uint8 images of shape (N, H, W, 3) (NHWC, RGB, C order; "
-            f"evaluation.md §3), got dtype {dtype}, shape {tuple(shape)}"
+            f"docs/evaluation.md#sample-files), got dtype {dtype}, shape {tuple(shape)}"
             f"{', Fortran order' if fortran else ''}. Convert [-1, 1] NCHW float images with "
             "arforge.metrics.adm.to_uint8 (rounding, not truncation).")
 

@@ -1,6 +1,6 @@
 """ADM evaluator semantics for FID, sFID, Inception Score and precision/recall.
 
-``shared/specs/evaluation.md`` §2 (guided-diffusion ``evaluations/evaluator.py``,
+docs/evaluation.md#adm-evaluator-semantics (guided-diffusion ``evaluations/evaluator.py``,
 "Diffusion Models Beat GANs on Image Synthesis"). The functions here take
 feature arrays; which network produced them (Inception, or the small digits
 classifier) is the feature extractor's business.
@@ -64,7 +64,7 @@ def _trace_sqrt_product(factor: np.ndarray, other: np.ndarray) -> float:
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
-    """FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) (TTUR; evaluation.md §2.3).
+    """FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) (TTUR; docs/evaluation.md#adm-evaluator-semantics).
 
     If sqrtm yields non-finite values, eps*I is added to both covariances and it
     is retried; a complex result with a diagonal imaginary part above 1e-3 fails.
@@ -94,7 +94,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
-    """IS over consecutive splits in file order (evaluation.md §2.5).
+    """IS over consecutive splits in file order (docs/evaluation.md#inception-score).
 
     ``logits`` are pre-softmax scores (for Inception: pool_3 @ W over 1008
     classes, no bias). The mean of per-split scores is returned.
@@ -170,10 +170,10 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, *, k: int = 3,
 
 # ------------------------------------------------------------ pixels
 def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float NCHW tensor/array -> uint8 NHWC by rounding (evaluation.md §3).
+    """[-1, 1] float NCHW tensor/array -> uint8 NHWC by rounding (docs/evaluation.md#sample-files).
 
     u8 = floor(clamp(127.5 x + 128, 0, 255)): round-half-up of 127.5 (x + 1),
-    never Open-MAGVIT2's truncation (upstream_pitfalls.md E9).
+    never Open-MAGVIT2's truncation (docs/evaluation.md#sample-files).
     """
     try:
         import torch
@@ -188,7 +188,7 @@ def to_uint8(images) -> np.ndarray:
 
 
 def psnr(original_u8: np.ndarray, recon_u8: np.ndarray) -> np.ndarray:
-    """Per-image PSNR on uint8 NHWC pairs, values /255 (evaluation.md §5.2)."""
+    """Per-image PSNR on uint8 NHWC pairs, values /255 (docs/evaluation.md#psnr)."""
     a = original_u8.astype(np.float64) / 255.0
     b = recon_u8.astype(np.float64) / 255.0
     mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
@@ -197,7 +197,7 @@ def psnr(original_u8: np.ndarray, recon_u8: np.ndarray) -> np.ndarray:
 
 
 def ssim(original_u8: np.ndarray, recon_u8: np.ndarray) -> np.ndarray:
-    """Per-image SSIM, skimage defaults with data_range=1.0 and channel_axis=-1 (evaluation.md §5.3)."""
+    """Per-image SSIM, skimage defaults with data_range=1.0 and channel_axis=-1 (docs/evaluation.md#ssim)."""
     from skimage.metrics import structural_similarity
 
     out = np.empty(len(original_u8))

@@ -1,4 +1,4 @@
-"""Framework building blocks shared by every AR family (``shared/specs/ar_models.md`` §1, §2, §4, §8)."""
+"""Framework building blocks shared by every AR family (docs/llamagen.md#llama-backbone, docs/llamagen.md#2d-rope, docs/llamagen.md#class-conditioning, docs/llamagen.md#kv-cache)."""
 
 from arforge.nn.llama import (
     Attention,

@@ -1,16 +1,16 @@
 """Llama-style building blocks shared by every arforge AR family.
 
 LlamaGen, IAR, Open-MAGVIT2 and IAR2 all use LlamaGen's block code
-(``shared/specs/ar_models.md`` §1): pre-norm blocks of fused-``wqkv`` attention
+(docs/llamagen.md#llama-backbone): pre-norm blocks of fused-``wqkv`` attention
 with 2D RoPE and a SwiGLU FFN. This module holds those blocks, the 2D rotary
-table with its two upstream quirks (§2.4 zero class rotation, §2.5 IAR2's
-``repeat_interleave``), the static KV cache (§8), the class embedder with label
-dropout (§4) and :class:`LlamaBackbone`, the decoder stack with a training
+table with its two upstream quirks (docs/llamagen.md#2d-rope zero class rotation, docs/iar2.md#the-repeat-interleaved-rope-table IAR2's
+``repeat_interleave``), the static KV cache (docs/llamagen.md#kv-cache), the class embedder with label
+dropout (docs/llamagen.md#class-conditioning) and :class:`LlamaBackbone`, the decoder stack with a training
 ``forward`` (causal SDPA) and a cached ``step`` for decoding.
 
 Attribute names follow upstream (``attention.wqkv``, ``feed_forward.w1`` ...)
 so that the official checkpoints map onto them by renaming prefixes only
-(``checkpoints.md`` §3, §5, §7).
+(docs/checkpoints.md#llamagen-and-iar-gpt, docs/checkpoints.md#open-magvit2-ar, docs/checkpoints.md#iar2-gpt).
 
 Shapes: B batch, T sequence length, D width, H heads, H_kv key/value heads,
 hd = D/H head dimension, S_max cache length.
@@ -50,23 +50,23 @@ __all__ = [
 
 
 def find_multiple(n: int, k: int) -> int:
-    """The smallest multiple of ``k`` that is >= ``n`` (``ar_models.md`` §1.4)."""
+    """The smallest multiple of ``k`` that is >= ``n`` (docs/llamagen.md#llama-backbone)."""
     if n % k == 0:
         return n
     return n + k - (n % k)
 
 
 def ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
-    """SwiGLU hidden size ``find_multiple(int(2*4D/3), 256)`` (§1.4; note the truncating int())."""
+    """SwiGLU hidden size ``find_multiple(int(2*4D/3), 256)`` (docs/llamagen.md#llama-backbone; note the truncating int())."""
     return find_multiple(int(2 * (4 * dim) / 3), multiple_of)
 
 
 # ======================================================================= norm
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the gain (``ar_models.md`` §1.1)."""
+    """RMSNorm computed in fp32 and cast back before the gain (docs/llamagen.md#llama-backbone)."""
 
     def __init__(self, *, dim: int, eps: float = 1e-5):
-        """dim: features normalised over the last axis; eps: ε (§1.1: 1e-5 in every family)."""
+        """dim: features normalised over the last axis; eps: ε (docs/llamagen.md#llama-backbone: 1e-5 in every family)."""
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -79,21 +79,21 @@ class RMSNorm(nn.Module):
 
 # ======================================================================== ffn
 class FeedForward(nn.Module):
-    """SwiGLU FFN ``w2(silu(w1 x) * w3 x)`` without biases, dropout after ``w2`` (§1.4)."""
+    """SwiGLU FFN ``w2(silu(w1 x) * w3 x)`` without biases, dropout after ``w2`` (docs/llamagen.md#llama-backbone)."""
 
     def __init__(self, *, dim: int, hidden_dim: int | None = None, dropout_p: float = 0.1):
         """
         Args:
             dim: model width D.
-            hidden_dim: SwiGLU hidden size; None applies the §1.4 rule find_multiple(int(2·4D/3), 256).
-            dropout_p: FFN dropout after ``w2`` (§1.5: 0.1).
+            hidden_dim: SwiGLU hidden size; None applies the docs/llamagen.md#llama-backbone rule find_multiple(int(2·4D/3), 256).
+            dropout_p: FFN dropout after ``w2`` (docs/llamagen.md#llama-backbone: 0.1).
         """
         super().__init__()
-        hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim)  # §1.4 rule
+        hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim)  # docs/llamagen.md#llama-backbone rule
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.ffn_dropout = nn.Dropout(dropout_p)  #: §1.5: 0.1 in every family
+        self.ffn_dropout = nn.Dropout(dropout_p)  #: docs/llamagen.md#llama-backbone: 0.1 in every family
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -103,14 +103,14 @@ class FeedForward(nn.Module):
 def precompute_freqs_cis_2d(*, grid_size: int, head_dim: int, base: float = 10000.0,
                             cls_token_num: int = 1, cls_zero_rotation: bool = True,
                             repeat_interleave: bool = False) -> torch.Tensor:
-    """The 2D rotary table (``ar_models.md`` §2.1), shape (cls_token_num + g*g, hd/2, 2).
+    """The 2D rotary table (docs/llamagen.md#2d-rope), shape (cls_token_num + g*g, hd/2, 2).
 
     Row ``cls_token_num + p`` holds (cos, sin) of cell p = r*g + c: the first hd/4
     pairs rotate by r·ω_k and the last hd/4 by c·ω_k, ω_k = base^(-2k/(hd/2)).
 
-    ``cls_zero_rotation`` (§2.4, upstream default): the class rows are (0, 0), so the
+    ``cls_zero_rotation`` (docs/llamagen.md#2d-rope, upstream default): the class rows are (0, 0), so the
     class token's q and k are zero vectors; ``False`` gives them the identity (1, 0).
-    ``repeat_interleave`` (§2.5, IAR2 checkpoints): the grid rows are repeated twice
+    ``repeat_interleave`` (docs/iar2.md#the-repeat-interleaved-rope-table, IAR2 checkpoints): the grid rows are repeated twice
     so that row cls + p holds cell ⌊p/2⌋ (token t rotates by cell ⌊t/2⌋). Upstream's
     table then has 2·g² grid rows of which only the first g² are ever used; this
     table keeps those g², so every variant has the same shape.
@@ -138,7 +138,7 @@ def precompute_freqs_cis_2d(*, grid_size: int, head_dim: int, base: float = 1000
 
 def subtoken_freqs_cis(*, n_slots: int, head_dim: int, base: float = 10000.0, cls_zero_rotation: bool = True,
                        repeat_interleave: bool = False) -> torch.Tensor:
-    """Rows 0 … n_slots-1 of the 2D table, as used inside the sub-token heads (§2.6).
+    """Rows 0 … n_slots-1 of the 2D table, as used inside the sub-token heads (docs/open_magvit2.md#next-sub-token-head).
 
     Open-MAGVIT2's intra transformer uses rows 0–1 (zero, identity); IAR2's head
     rows 0–2 under ``repeat_interleave`` (zero, identity, identity). Without the
@@ -153,7 +153,7 @@ class RotaryTableMixin:
     """Keeps a module's ``freqs_cis`` buffer in fp32 when the module is cast.
 
     Upstream keeps the table a plain fp32 attribute, so casting the GPT to bf16
-    for sampling (§9.3.7) leaves the angles exact; a buffer would be cast too.
+    for sampling (docs/llamagen.md#sampling) leaves the angles exact; a buffer would be cast too.
     The module rebuilds the table (``_table()``) whenever a cast changed its dtype.
     """
 
@@ -165,7 +165,7 @@ class RotaryTableMixin:
 
 
 class SubtokenRotaryMixin(RotaryTableMixin):
-    """The rotary table of a sub-token head's slots (§2.6), rebuilt when a quirk flag changes.
+    """The rotary table of a sub-token head's slots (docs/open_magvit2.md#next-sub-token-head), rebuilt when a quirk flag changes.
 
     The head sets ``n_slots``, ``head_dim``, ``rope_base``, ``cls_zero_rotation`` and
     ``rope_repeat_interleave``; loading IAR2 weights turns ``repeat_interleave`` on.
@@ -185,7 +185,7 @@ class SubtokenRotaryMixin(RotaryTableMixin):
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs (2j, 2j+1) (§2.2, gpt-fast/Meta interleaved convention).
+    """Rotate adjacent feature pairs (2j, 2j+1) (docs/llamagen.md#2d-rope, gpt-fast/Meta interleaved convention).
 
     x: (B, T, H, hd); freqs_cis: (T, hd/2, 2). Computed in fp32 and cast back to
     x's dtype (LlamaGen/IAR2; Open-MAGVIT2 keeps fp32, identical in fp32 runs).
@@ -206,13 +206,13 @@ def canonical_device(device: torch.device | str) -> torch.device:
 
 
 class KVCache(nn.Module):
-    """A static per-layer key/value cache (``ar_models.md`` §8).
+    """A static per-layer key/value cache (docs/llamagen.md#kv-cache).
 
     Allocated once at (B_max, H_kv, S_max, hd) and kept out of the persistent
     state (non-persistent buffers, so they move with ``.to()`` but never reach a
     state dict). Decoding writes positions in order and attends only over the
     filled prefix [0, pos + T): upstream attends over all S_max slots under a mask,
-    which §8 measured to cost ~25 ms per IAR2 step.
+    which docs/llamagen.md#kv-cache measured to cost ~25 ms per IAR2 step.
     """
 
     def __init__(self, *, max_batch: int, n_kv_head: int, max_seq_len: int, head_dim: int,
@@ -249,22 +249,22 @@ class KVCache(nn.Module):
 
 # ================================================================ attention
 class Attention(nn.Module):
-    """Fused-``wqkv`` attention with 2D RoPE (``ar_models.md`` §1.3).
+    """Fused-``wqkv`` attention with 2D RoPE (docs/llamagen.md#llama-backbone).
 
     ``wqkv`` output features split as [q (H·hd); k (H_kv·hd); v (H_kv·hd)], head h at
     features [h·hd, (h+1)·hd). Plain MHA in every released model (H_kv = H); the
-    cache and split honour H_kv anyway (pitfall D8).
+    cache and split honour H_kv anyway (docs/llamagen.md#kv-cache).
     """
 
     def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None,
                  attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1):
         """
         Args:
-            dim: model width D (§3 tables).
-            n_head: query heads H; hd = D / H (§3 tables).
-            n_kv_head: key/value heads (None = H, plain MHA as in every release, §1.3).
-            attn_dropout_p: attention-probability dropout (§1.5: 0).
-            resid_dropout_p: dropout after ``wo`` (§1.5: 0.1).
+            dim: model width D (docs/llamagen.md#model-sizes tables).
+            n_head: query heads H; hd = D / H (docs/llamagen.md#model-sizes tables).
+            n_kv_head: key/value heads (None = H, plain MHA as in every release, docs/llamagen.md#llama-backbone).
+            attn_dropout_p: attention-probability dropout (docs/llamagen.md#llama-backbone: 0).
+            resid_dropout_p: dropout after ``wo`` (docs/llamagen.md#llama-backbone: 0.1).
         """
         super().__init__()
         if dim % n_head:
@@ -278,8 +278,8 @@ class Attention(nn.Module):
         kv_dim = self.n_kv_head * self.head_dim
         self.wqkv = nn.Linear(dim, dim + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.attn_dropout_p = attn_dropout_p  #: §1.5: 0 in every family
-        self.resid_dropout = nn.Dropout(resid_dropout_p)  #: §1.5: 0.1 in every family
+        self.attn_dropout_p = attn_dropout_p  #: docs/llamagen.md#llama-backbone: 0 in every family
+        self.resid_dropout = nn.Dropout(resid_dropout_p)  #: docs/llamagen.md#llama-backbone: 0.1 in every family
         self.kv_cache: KVCache | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -332,7 +332,7 @@ class Attention(nn.Module):
         Keys/values go into the static cache; the queries attend over the filled
         prefix only (causal among the T new positions). With ``return_cls_attn`` it
         also returns the attention probability of the last query to key 0 (the
-        class token), averaged over heads: (B,) fp32 (§9.5).
+        class token), averaged over heads: (B,) fp32 (docs/iar2.md#sampling).
         """
         if self.kv_cache is None:
             raise RuntimeError("no KV cache: call setup_caches(...) before decoding")
@@ -358,17 +358,17 @@ class Attention(nn.Module):
 
 # ==================================================================== block
 class TransformerBlock(nn.Module):
-    """Pre-norm block h = x + Attn(norm(x)); out = h + FFN(norm(h)) (§1.2; drop-path 0)."""
+    """Pre-norm block h = x + Attn(norm(x)); out = h + FFN(norm(h)) (docs/llamagen.md#llama-backbone; drop-path 0)."""
 
     def __init__(self, *, dim: int, n_head: int, n_kv_head: int | None = None, ffn_hidden: int | None = None,
                  norm_eps: float = 1e-5, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.1,
                  ffn_dropout_p: float = 0.1):
         """
         Args:
-            dim, n_head, n_kv_head: see :class:`Attention` (§1.3).
-            ffn_hidden: SwiGLU hidden size (None = the §1.4 rule).
-            norm_eps: RMSNorm ε (§1.1: 1e-5).
-            attn_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0, 0.1, 0.1).
+            dim, n_head, n_kv_head: see :class:`Attention` (docs/llamagen.md#llama-backbone).
+            ffn_hidden: SwiGLU hidden size (None = the docs/llamagen.md#llama-backbone rule).
+            norm_eps: RMSNorm ε (docs/llamagen.md#llama-backbone: 1e-5).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: docs/llamagen.md#llama-backbone (0, 0.1, 0.1).
         """
         super().__init__()
         self.attention = Attention(dim=dim, n_head=n_head, n_kv_head=n_kv_head,
@@ -414,7 +414,7 @@ def run_blocks(blocks, x: torch.Tensor, freqs_cis: torch.Tensor, *, checkpointin
 
 # ============================================================ class embedder
 class LabelEmbedder(nn.Module):
-    """Class embeddings with label dropout for CFG (``ar_models.md`` §4).
+    """Class embeddings with label dropout for CFG (docs/llamagen.md#class-conditioning).
 
     ``embedding_table`` has ``num_classes + 1`` rows; row ``num_classes`` is the
     null class. arforge always builds it (upstream only when dropout > 0).
@@ -423,9 +423,9 @@ class LabelEmbedder(nn.Module):
     def __init__(self, *, num_classes: int = 1000, dim: int, dropout_p: float = 0.1):
         """
         Args:
-            num_classes: real classes (§4: 1000 ImageNet classes); the table has one more row.
+            num_classes: real classes (docs/llamagen.md#class-conditioning: 1000 ImageNet classes); the table has one more row.
             dim: model width D.
-            dropout_p: probability of replacing a label by the null class in training (§4, §1.5: 0.1).
+            dropout_p: probability of replacing a label by the null class in training (docs/llamagen.md#class-conditioning, docs/llamagen.md#llama-backbone: 0.1).
         """
         super().__init__()
         self.num_classes = num_classes
@@ -460,13 +460,13 @@ class BackboneStep(NamedTuple):
 
 
 class LlamaBackbone(RotaryTableMixin, nn.Module):
-    """The Llama-style decoder stack over input embeddings (``ar_models.md`` §1, §2, §8).
+    """The Llama-style decoder stack over input embeddings (docs/llamagen.md#llama-backbone, docs/llamagen.md#2d-rope, docs/llamagen.md#kv-cache).
 
     Input: [cls, e_0 … e_{L-2}] as embeddings (B, T, D), built by the caller.
-    Token dropout (class slot included, §1.5) → ``layers`` → optional ``norm``.
+    Token dropout (class slot included, docs/llamagen.md#llama-backbone) → ``layers`` → optional ``norm``.
     The final norm exists only for new combinations: the released families put
     it in the head (LlamaGen ``norm``, Open-MAGVIT2's shared ``norm``) or have
-    none (IAR2, §5.3).
+    none (IAR2, docs/iar2.md#input-aggregation-and-local-context-head).
     """
 
     def __init__(self, *, dim: int, n_layer: int, n_head: int, n_kv_head: int | None = None,
@@ -477,19 +477,19 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
                  final_norm: bool = False, grad_checkpointing: bool = False):
         """
         Args:
-            dim, n_layer, n_head: width, blocks and heads (§3 tables).
-            n_kv_head: key/value heads (None = n_head; the KV cache is sized with it, pitfall D8).
-            block_size: tokens per image L = g² (§3: 256 or 576); sets the RoPE grid and S_max.
-            cls_token_num: class slots before the tokens (§2.1: 1).
-            ffn_hidden: SwiGLU hidden size (None = the §1.4 rule).
-            norm_eps: RMSNorm ε (§1.1: 1e-5).
-            token_dropout_p: dropout on the whole input sequence, class slot included (§1.5: 0.1).
-            attn_dropout_p, resid_dropout_p, ffn_dropout_p: §1.5 (0, 0.1, 0.1).
-            rope_base: RoPE base (§2.1: 10000).
-            cls_zero_rotation: §2.4 quirk, class rows (cos, sin) = (0, 0); on for every official checkpoint.
-            rope_repeat_interleave: §2.5 IAR2 quirk, token t rotated by cell ⌊t/2⌋.
+            dim, n_layer, n_head: width, blocks and heads (docs/llamagen.md#model-sizes tables).
+            n_kv_head: key/value heads (None = n_head; the KV cache is sized with it, docs/llamagen.md#kv-cache).
+            block_size: tokens per image L = g² (docs/llamagen.md#model-sizes: 256 or 576); sets the RoPE grid and S_max.
+            cls_token_num: class slots before the tokens (docs/llamagen.md#2d-rope: 1).
+            ffn_hidden: SwiGLU hidden size (None = the docs/llamagen.md#llama-backbone rule).
+            norm_eps: RMSNorm ε (docs/llamagen.md#llama-backbone: 1e-5).
+            token_dropout_p: dropout on the whole input sequence, class slot included (docs/llamagen.md#llama-backbone: 0.1).
+            attn_dropout_p, resid_dropout_p, ffn_dropout_p: docs/llamagen.md#llama-backbone (0, 0.1, 0.1).
+            rope_base: RoPE base (docs/llamagen.md#2d-rope: 10000).
+            cls_zero_rotation: docs/llamagen.md#2d-rope quirk, class rows (cos, sin) = (0, 0); on for every official checkpoint.
+            rope_repeat_interleave: docs/iar2.md#the-repeat-interleaved-rope-table IAR2 quirk, token t rotated by cell ⌊t/2⌋.
             final_norm: an RMSNorm ``norm`` after the blocks (off for the released families, whose
-                final norm lives in the head or does not exist, §5).
+                final norm lives in the head or does not exist, docs/llamagen.md#ar-model).
             grad_checkpointing: activation (gradient) checkpointing of every block: each block
                 runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so its
                 internal activations (attention, the SwiGLU hidden, dropout masks) are not kept
@@ -505,7 +505,7 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
         super().__init__()
         grid = int(round(block_size ** 0.5))
         if grid * grid != block_size:
-            raise ValueError(f"block_size {block_size} is not a square grid of tokens (2D RoPE, §2.1)")
+            raise ValueError(f"block_size {block_size} is not a square grid of tokens (2D RoPE, docs/llamagen.md#2d-rope)")
         self.dim = dim
         self.n_layer = n_layer
         self.n_head = n_head
@@ -544,14 +544,14 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
 
     @property
     def max_seq_len(self) -> int:
-        """S_max = find_multiple(cls + L, 8) (§8: 257 -> 264, 577 -> 584)."""
+        """S_max = find_multiple(cls + L, 8) (docs/llamagen.md#kv-cache: 257 -> 264, 577 -> 584)."""
         return find_multiple(self.cls_token_num + self.block_size, 8)
 
     # ---------------------------------------------------------------- training
     def forward(self, x_emb: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x_emb (B, T, D) -> (B, T, D) under a causal mask.
 
-        ``input_pos`` (T,) picks the RoPE rows (default 0 … T-1, §2.3). With
+        ``input_pos`` (T,) picks the RoPE rows (default 0 … T-1, docs/llamagen.md#2d-rope). With
         ``grad_checkpointing`` (train mode, grad enabled) every block is checkpointed.
         """
         t = x_emb.shape[1]
@@ -609,7 +609,7 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
 
 # ====================================================================== init
 def init_llama_weights(module: nn.Module, *, std: float = 0.02) -> None:
-    """§1.5: Linear/Embedding weights ~ N(0, 0.02), Linear biases 0, RMSNorm gains 1.
+    """docs/llamagen.md#llama-backbone: Linear/Embedding weights ~ N(0, 0.02), Linear biases 0, RMSNorm gains 1.
 
     Zero-initialising the final output layers is each head's job.
     """
