@@ -3,7 +3,8 @@
 Papers: "Language Model Beats Diffusion -- Tokenizer is Key to Visual Generation"
 (LFQ) and "Open-MAGVIT2" (arXiv 2409.04410). Upstream: Open-MAGVIT2 v2
 ``src/Open_MAGVIT2/modules/vqvae/lookup_free_quantize.py``. Spec:
-``shared/specs/tokenizers.md`` §2.7-2.10 and ``upstream_pitfalls.md`` C1-C4, C7.
+docs/open_magvit2.md#lfq-and-token-ids, docs/open_magvit2.md#lfq-entropy-losses,
+docs/open_magvit2.md#computing-the-entropy-exactly and docs/open_magvit2.md#differences-from-upstream.
 
 LFQ has no parameters and no buffers. Each of the K channels of a token is one
 bit, ``b_d = [z_d > 0]`` (strict: 0 maps to -1), the code is ``q = 2b - 1`` and
@@ -12,7 +13,7 @@ vector-quantize-pytorch are MSB-first, an explicit option here).
 
 The training objective needs the softmax of ``2<z_n, c_j>/tau`` over all 2^K
 codes. Upstream materialises three N x 2^18 tensors under fp16; here the same
-values are computed exactly, in fp32 whatever autocast is active (§2.9):
+values are computed exactly, in fp32 whatever autocast is active (docs/open_magvit2.md#computing-the-entropy-exactly):
 
 * H_sample in closed form: the softmax is a product of K independent
   Bernoullis with ``P(b_d = 1) = sigmoid(4 z_d / tau)``;
@@ -37,9 +38,9 @@ from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
 
 #: The ``+1e-5`` inside ``log(p_bar + 1e-5)`` of H_codebook changes the value, so it is
-#: kept (``upstream_pitfalls.md`` C4); the one upstream adds inside log_softmax is not.
+#: kept (docs/open_magvit2.md#differences-from-upstream); the one upstream adds inside log_softmax is not.
 CODEBOOK_ENTROPY_EPS = 1e-5
-#: Open-MAGVIT2's asymmetric token factorisation: channels 0-5 -> pre, 6-17 -> post (§2.7).
+#: Open-MAGVIT2's asymmetric token factorisation: channels 0-5 -> pre, 6-17 -> post (docs/open_magvit2.md#lfq-and-token-ids).
 FACTORIZED_BITS = (6, 12)
 
 ENTROPY_SCOPES = ("global", "local")
@@ -56,7 +57,7 @@ def _bit_weights(bits: int, msb_first: bool, device: torch.device | None) -> tor
 
 
 def ids_to_bits(ids: torch.Tensor, bits: int, *, msb_first: bool = False) -> torch.Tensor:
-    """Integer ids (...) -> bool bits (..., bits); channel d is bit 2^d (LSB-first, §2.7)."""
+    """Integer ids (...) -> bool bits (..., bits); channel d is bit 2^d (LSB-first, docs/open_magvit2.md#lfq-and-token-ids)."""
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
     ids = ids.to(torch.int64)
@@ -78,12 +79,12 @@ def bits_to_ids(bits: torch.Tensor, *, msb_first: bool = False) -> torch.Tensor:
 
 
 def codes_to_bits(codes: torch.Tensor) -> torch.Tensor:
-    """+-1 codes (or features) -> bits with the strict threshold ``> 0`` (§2.10)."""
+    """+-1 codes (or features) -> bits with the strict threshold ``> 0`` (docs/open_magvit2.md#lfq-and-token-ids)."""
     return codes > 0
 
 
 def reverse_bit_order(ids: torch.Tensor, bits: int) -> torch.Tensor:
-    """Convert ids between LSB-first and MSB-first numbering (v1 / vector-quantize-pytorch; C7)."""
+    """Convert ids between LSB-first and MSB-first numbering (v1 / vector-quantize-pytorch)."""
     return bits_to_ids(ids_to_bits(ids, bits).flip(-1))
 
 
@@ -91,7 +92,7 @@ def split_ids(ids: torch.Tensor, groups: Sequence[int] = FACTORIZED_BITS) -> tor
     """LSB-first ids (...) -> sub-ids (..., len(groups)), group g from the next ``groups[g]`` channels.
 
     For Open-MAGVIT2's ``factorized_bits=[6, 12]``: pre = channels 0-5 and post =
-    channels 6-17, each LSB-first, so ``id = pre + 64 * post`` (§2.7).
+    channels 6-17, each LSB-first, so ``id = pre + 64 * post`` (docs/open_magvit2.md#lfq-and-token-ids).
     """
     out, shift = [], 0
     ids = ids.to(torch.int64)
@@ -134,7 +135,7 @@ def binary_entropy_of_logit(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_entropy(z: torch.Tensor, *, tau: float) -> torch.Tensor:
-    """Closed-form mean per-token entropy of softmax_j(2<z_n, c_j>/tau), z: (N, K) (§2.9.2)."""
+    """Closed-form mean per-token entropy of softmax_j(2<z_n, c_j>/tau), z: (N, K) (docs/open_magvit2.md#computing-the-entropy-exactly)."""
     return binary_entropy_of_logit(4.0 * z / tau).sum(-1).mean()
 
 
@@ -154,7 +155,7 @@ def _group_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
     """Softmax of (2/tau)<z_n, c_j> over the 2^g codes of a group of g channels: (N, 2^g).
 
     Computed as exp(sum_d log sigmoid(c_jd * 4 z_nd / tau)), the same function as the
-    softmax (§2.9.1) but a sum of non-positive terms, so no large logits cancel in fp32.
+    softmax (docs/open_magvit2.md#computing-the-entropy-exactly) but a sum of non-positive terms, so no large logits cancel in fp32.
     """
     g = z.shape[-1]
     sel = _bit_selectors(torch.arange(1 << g, device=z.device), g, z.dtype)  # (2^g, 2g)
@@ -162,7 +163,7 @@ def _group_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def codebook_prob_sum_bit_split(z: torch.Tensor, *, tau: float, split: int) -> torch.Tensor:
-    """sum_n p_nj for every code j (LSB-first id order) via (P^A)^T P^B (§2.9.3).
+    """sum_n p_nj for every code j (LSB-first id order) via (P^A)^T P^B (docs/open_magvit2.md#computing-the-entropy-exactly).
 
     z: (N, K). Group A is channels [0, split), group B channels [split, K); the
     result is (2^K,) but no tensor larger than N x 2^max(split, K - split) exists.
@@ -181,7 +182,7 @@ def _chunk_prob_sum(log_bit_probs: torch.Tensor, selectors: torch.Tensor) -> tor
 
 
 def codebook_prob_sum_chunked(z: torch.Tensor, *, tau: float, chunk_size: int = 4096) -> torch.Tensor:
-    """sum_n p_nj for every code j, chunk by chunk over the codes (§2.9.4).
+    """sum_n p_nj for every code j, chunk by chunk over the codes (docs/open_magvit2.md#computing-the-entropy-exactly).
 
     ``log p_nj = sum_d log sigmoid(c_jd 4 z_nd / tau)``, which equals
     ``(2/tau)<z_n, c_j> - sum_d log(2 cosh(2 z_nd / tau))``: no normaliser over all
@@ -227,7 +228,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def codebook_entropy(prob_sum: torch.Tensor, count: torch.Tensor | float, *,
                      eps: float = CODEBOOK_ENTROPY_EPS) -> torch.Tensor:
-    """H_codebook = -sum_j p_bar_j log(p_bar_j + eps) with p_bar = prob_sum / count (§2.8)."""
+    """H_codebook = -sum_j p_bar_j log(p_bar_j + eps) with p_bar = prob_sum / count (docs/open_magvit2.md#lfq-entropy-losses)."""
     p_bar = prob_sum / count
     return -(p_bar * torch.log(p_bar + eps)).sum()
 
@@ -235,11 +236,11 @@ def codebook_entropy(prob_sum: torch.Tensor, count: torch.Tensor | float, *,
 def lfq_entropy(z: torch.Tensor, *, tau: float = 0.01, split: int | None = None,
                 method: str = "bit_split", chunk_size: int = 4096, scope: str = "local",
                 eps: float = CODEBOOK_ENTROPY_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H_sample, H_codebook) of LFQ features z: (N, K), exactly, in fp32 (§2.9).
+    """(H_sample, H_codebook) of LFQ features z: (N, K), exactly, in fp32 (docs/open_magvit2.md#computing-the-entropy-exactly).
 
     ``scope="global"`` sums p over every rank's tokens (all-reduce, differentiable
     for the local contribution) before dividing by the global token count;
-    ``"local"`` is upstream's per-device p_bar (``upstream_pitfalls.md`` C2).
+    ``"local"`` is upstream's per-device p_bar (docs/open_magvit2.md#differences-from-upstream).
     H_sample is a per-token mean and always local.
     """
     if method not in ENTROPY_METHODS:
@@ -266,9 +267,9 @@ def lfq_entropy(z: torch.Tensor, *, tau: float = 0.01, split: int | None = None,
 
 # ========================================================================= module
 class LookupFreeQuantizer(nn.Module):
-    """Open-MAGVIT2 LFQ (tokenizers.md §2.7-2.10): K sign bits per token, ids (B, h*w, 1).
+    """Open-MAGVIT2 LFQ (docs/open_magvit2.md#lfq-and-token-ids): K sign bits per token, ids (B, h*w, 1).
 
-    Training losses (0 / absent in eval mode, §2.8), already weighted:
+    Training losses (0 / absent in eval mode, docs/open_magvit2.md#lfq-entropy-losses), already weighted:
 
     * ``entropy`` = entropy_weight * (w_s * H_sample - w_b * H_codebook);
     * ``commitment`` = commitment_weight * mean((z - sg(q))^2).
@@ -280,15 +281,15 @@ class LookupFreeQuantizer(nn.Module):
     def __init__(
         self,
         *,
-        bits: int = 18,  # code bits = channels of z; implicit codebook 2^bits (§2.1: z_channels 18)
-        bit_order: str = "lsb",  # 'lsb' = v2+ ids (§2.7); 'msb' = v1 / vector-quantize-pytorch numbering (C7)
-        tau: float = 0.01,  # entropy temperature; upstream hard-codes 0.01 and ignores inv_temperature (§2.8, C3)
-        entropy_weight: float = 0.1,  # weight of the aux entropy term in the generator loss (§5.5)
-        sample_entropy_weight: float = 1.0,  # w_s, upstream `sample_minimization_weight` (§2.8)
-        codebook_entropy_weight: float = 1.0,  # w_b, upstream `batch_maximization_weight` (§2.8)
-        commitment_weight: float = 0.25,  # weight of mean((z - sg(q))^2) (§2.8, §5.5)
-        entropy_scope: str = "global",  # p_bar over the global batch (all-reduced) or 'local' per device (§2.9.6, C2)
-        codebook_entropy_method: str = "bit_split",  # exact H_codebook form: 'bit_split' (§2.9.3) or 'chunked' (§2.9.4)
+        bits: int = 18,  # code bits = channels of z; implicit codebook 2^bits (docs/open_magvit2.md#encoder-and-decoder: z_channels 18)
+        bit_order: str = "lsb",  # 'lsb' = v2+ ids (docs/open_magvit2.md#lfq-and-token-ids); 'msb' = v1 / vector-quantize-pytorch numbering
+        tau: float = 0.01,  # entropy temperature; upstream hard-codes 0.01 and ignores inv_temperature (docs/open_magvit2.md#lfq-entropy-losses)
+        entropy_weight: float = 0.1,  # weight of the aux entropy term in the generator loss (docs/llamagen.md#loss-weights-of-the-three-tokenizers)
+        sample_entropy_weight: float = 1.0,  # w_s, upstream `sample_minimization_weight` (docs/open_magvit2.md#lfq-entropy-losses)
+        codebook_entropy_weight: float = 1.0,  # w_b, upstream `batch_maximization_weight` (docs/open_magvit2.md#lfq-entropy-losses)
+        commitment_weight: float = 0.25,  # weight of mean((z - sg(q))^2) (docs/open_magvit2.md#lfq-entropy-losses)
+        entropy_scope: str = "global",  # p_bar over the global batch (all-reduced) or 'local' per device (docs/open_magvit2.md#computing-the-entropy-exactly)
+        codebook_entropy_method: str = "bit_split",  # exact H_codebook form: 'bit_split' or 'chunked' (docs/open_magvit2.md#computing-the-entropy-exactly)
         entropy_split: int | None = None,  # bits in the low group A of the bit split; None = bits // 2 (9 at 18)
         entropy_chunk_size: int = 4096,  # codes per chunk of the 'chunked' form (memory O(N * chunk))
     ) -> None:
@@ -365,7 +366,7 @@ class LookupFreeQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self._check_features(z)
         b, k, h, w = z.shape
-        positive = z > 0  # strict threshold: z = 0 -> -1 (§2.10)
+        positive = z > 0  # strict threshold: z = 0 -> -1 (docs/open_magvit2.md#lfq-and-token-ids)
         q = torch.where(positive, torch.ones((), dtype=z.dtype, device=z.device),
                         -torch.ones((), dtype=z.dtype, device=z.device))  # (B, K, h, w)
         ids = bits_to_ids(positive.permute(0, 2, 3, 1), msb_first=self.msb_first)  # (B, h, w)
@@ -396,7 +397,7 @@ class LookupFreeQuantizer(nn.Module):
         return self.codes_to_ids(z.permute(0, 2, 3, 1)).reshape(b, h * w, 1)
 
     def decode(self, ids: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """ids (B, h*w, 1) -> +-1 features (B, K, h, w), the decoder's input (§2.7)."""
+        """ids (B, h*w, 1) -> +-1 features (B, K, h, w), the decoder's input (docs/open_magvit2.md#lfq-and-token-ids)."""
         self._check_ids(ids, grid)
         h, w = grid
         codes = self.ids_to_codes(ids)  # (B, L, K)

@@ -1,9 +1,10 @@
 """Tokenizer training losses: PatchGAN discriminator, GAN objectives, LeCAM, LPIPS and their composer.
 
-Spec: ``shared/specs/tokenizers.md`` §5 (5.1 discriminator, 5.2 GAN objectives,
-5.3 LeCAM, 5.4 LPIPS, 5.5 loss weights), ``evaluation.md`` §7.2 (offline LPIPS
-weights), ``upstream_pitfalls.md`` A7 (no downloads), C5 (LeCAM state), C9
-(IAR2 stage 1 has pixel weight 0). Sources: taming-transformers'
+See docs/llamagen.md#discriminator-and-gan-loss, docs/open_magvit2.md#gan-loss-and-lecam,
+docs/llamagen.md#lpips, docs/llamagen.md#loss-weights-of-the-three-tokenizers, docs/evaluation.md#lpips-weights (offline LPIPS
+weights, nothing downloaded), docs/open_magvit2.md#differences-from-upstream (LeCAM
+state checkpointed and synchronised) and docs/iar2.md#differences-from-upstream (IAR2
+stage 1 has pixel weight 0). Sources: taming-transformers'
 ``NLayerDiscriminator`` (via LlamaGen ``discriminator_patchgan.py`` and
 Open-MAGVIT2 ``modules/discriminator/model.py``), LlamaGen ``vq_loss.py``,
 Open-MAGVIT2 ``modules/losses/vqperceptual.py``, IAR2 ``vq_loss_*_stage.py``.
@@ -32,7 +33,7 @@ from arforge.weights import find_weights
 
 # ===================================================== 5.1 PatchGAN discriminator
 class PatchGANDiscriminator(nn.Module):
-    """taming-transformers' ``NLayerDiscriminator`` with BatchNorm (tokenizers.md §5.1).
+    """taming-transformers' ``NLayerDiscriminator`` with BatchNorm (docs/llamagen.md#discriminator-and-gan-loss).
 
     ``main`` indices match the official checkpoints: convs at 0, 2, 5, 8, 11 and
     BatchNorms at 3, 6, 9 for ``n_layers`` = 3. Returns patch logits (B, 1, h', w'),
@@ -74,7 +75,7 @@ class PatchGANDiscriminator(nn.Module):
         return self.main(x)
 
 
-#: 2,765,633 parameters at the paper preset (tokenizers.md §5.1).
+#: 2,765,633 parameters at the paper preset (docs/llamagen.md#discriminator-and-gan-loss).
 DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
     "patchgan": dict(input_channels=3, ndf=64, n_layers=3),
     "tiny": dict(input_channels=3, ndf=8, n_layers=3),
@@ -82,7 +83,7 @@ DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def patchgan_discriminator(*, preset: str = "patchgan") -> PatchGANDiscriminator:
-    """The PatchGAN discriminator of LlamaGen, IAR2 and Open-MAGVIT2 (tokenizers.md §5.1)."""
+    """The PatchGAN discriminator of LlamaGen, IAR2 and Open-MAGVIT2 (docs/llamagen.md#discriminator-and-gan-loss)."""
     try:
         return PatchGANDiscriminator(**DISCRIMINATOR_PRESETS[preset])
     except KeyError:
@@ -120,7 +121,7 @@ def adopt_weight(weight: float, global_step: int, *, start: int) -> float:
 
 # ================================================================ 5.3 LeCAM
 class LeCAM(nn.Module):
-    """LeCAM regulariser ("Regularizing Generative Adversarial Networks under Limited Data"), §5.3.
+    """LeCAM regulariser ("Regularizing Generative Adversarial Networks under Limited Data"), docs/open_magvit2.md#gan-loss-and-lecam.
 
     R = mean relu(D(x) - f_bar)^2 + mean relu(r_bar - D(x_hat))^2, where r_bar
     and f_bar are EMAs (decay 0.999, from 0) of the mean real/fake logits. In
@@ -128,7 +129,7 @@ class LeCAM(nn.Module):
     averaged over ranks when torch.distributed is initialised. They are
     persistent buffers, so they are checkpointed and resume exactly; eval mode
     (validation) does not update them. (Upstream keeps unsynchronised Python
-    floats that restart at 0 and also move during validation: pitfall C5.)
+    floats that restart at 0 and also move during validation; docs/open_magvit2.md#differences-from-upstream.)
     """
 
     def __init__(self, *, decay: float = 0.999) -> None:
@@ -169,7 +170,7 @@ class _Backbone:
     slices: tuple[tuple[str, int], ...]
 
 
-#: evaluation.md §7.2: backbone files and lpips' slice boundaries.
+#: docs/evaluation.md#lpips-weights: backbone files and lpips' slice boundaries.
 LPIPS_BACKBONES: dict[str, _Backbone] = {
     # VGG16 features 0-3 | 4-8 | 9-15 | 16-22 | 23-29 -> relu1_2 ... relu5_3
     "vgg": _Backbone("vgg16-397923af.pth", "397923af",
@@ -195,9 +196,9 @@ def lpips_heads_path(net: str) -> Path:
 
 
 class LPIPS(nn.Module):
-    """Frozen LPIPS ("The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"), §5.4.
+    """Frozen LPIPS ("The Unreasonable Effectiveness of Deep Features as a Perceptual Metric"), docs/llamagen.md#lpips.
 
-    Built offline (evaluation.md §7.2): the ``lpips`` package constructs its net
+    Built offline (docs/evaluation.md#lpips-weights): the ``lpips`` package constructs its net
     with a random backbone (``pnet_rand=True``, no download) and the v0.1 linear
     heads from its own wheel; the user's torchvision backbone file is then
     loaded strictly through a key map. Inputs are images in [-1, 1]; returns one
@@ -208,7 +209,7 @@ class LPIPS(nn.Module):
                  verify_hash: bool = True, heads_path: str | Path | None = None) -> None:
         """
         Args:
-            net: "vgg" (training loss, §5.4) or "alex" (evaluation).
+            net: "vgg" (training loss, docs/llamagen.md#lpips) or "alex" (evaluation).
             backbone_path: the torchvision ImageNet backbone (``vgg16-397923af.pth`` /
                 ``alexnet-owt-7be5be79.pth``); None looks in ``$TORCH_HOME/hub/checkpoints``.
             verify_hash: check the SHA-256 prefix in the official file name; tests
@@ -268,7 +269,7 @@ PIXEL_LOSSES = ("l1", "l2")
 
 
 class TokenizerLoss(nn.Module):
-    """The generator and discriminator objectives of a tokenizer (tokenizers.md §5.2-5.5).
+    """The generator and discriminator objectives of a tokenizer (docs/llamagen.md#losses).
 
     Generator:  pixel_weight * pixel + lpips_weight * LPIPS
                 + a(step) * gen_weight * L_adv + sum(quantizer losses, already weighted)
@@ -288,14 +289,14 @@ class TokenizerLoss(nn.Module):
                  lpips_verify_hash: bool = True) -> None:
         """
         Args:
-            pixel_loss: "l2" (MSE: LlamaGen, IAR2) or "l1" (Open-MAGVIT2), §5.5.
-            pixel_weight: 1.0; 0 for IAR2 stage 1 (pitfall C9).
+            pixel_loss: "l2" (MSE: LlamaGen, IAR2) or "l1" (Open-MAGVIT2), docs/llamagen.md#loss-weights-of-the-three-tokenizers.
+            pixel_weight: 1.0; 0 for IAR2 stage 1 (docs/iar2.md#differences-from-upstream).
             lpips_weight: 1.0 in every recipe; 0 builds no LPIPS and needs no file.
-            gen_loss: "hinge" (-mean D, LlamaGen/IAR2) or "non_saturating" (Open-MAGVIT2), §5.2.
+            gen_loss: "hinge" (-mean D, LlamaGen/IAR2) or "non_saturating" (Open-MAGVIT2), docs/llamagen.md#discriminator-and-gan-loss.
             gen_weight: 0.5 (LlamaGen ``disc_weight``) or 0.1 (Open-MAGVIT2 ``gen_loss_weight``).
             disc_weight: multiplies the discriminator loss: 0.5 (LlamaGen) or 1.0 (Open-MAGVIT2 ``disc_factor``).
-            disc_start: GAN terms are 0 while global_step < disc_start (20000 / 0), §5.2.
-            lecam_weight: lambda of LeCAM, 0 = off (Open-MAGVIT2: 0.05 at 256 px, 0.01 at 128 px), §5.3.
+            disc_start: GAN terms are 0 while global_step < disc_start (20000 / 0), docs/llamagen.md#discriminator-and-gan-loss.
+            lecam_weight: lambda of LeCAM, 0 = off (Open-MAGVIT2: 0.05 at 256 px, 0.01 at 128 px), docs/open_magvit2.md#gan-loss-and-lecam.
             lecam_decay: EMA decay of the LeCAM logit means (0.999).
             discriminator: default: the paper PatchGAN, built when a GAN weight is > 0.
             perceptual: an injected perceptual module ``(x, y) -> (B,)``; default: :class:`LPIPS`.
@@ -352,7 +353,7 @@ class TokenizerLoss(nn.Module):
     def generator_loss(self, *, images: torch.Tensor, reconstruction: torch.Tensor,
                        quantizer_losses: Mapping[str, torch.Tensor] | None = None, global_step: int,
                        with_pixel_loss: bool = True) -> TokenizerLossBreakdown:
-        """The generator objective. ``with_pixel_loss=False`` is IAR2 stage 2's semantic-only pass (§3.4)."""
+        """The generator objective. ``with_pixel_loss=False`` is IAR2 stage 2's semantic-only pass (docs/iar2.md#stage-2)."""
         parts: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         diff = at_least_fp32(reconstruction) - at_least_fp32(images)  # fp64 stays fp64
@@ -412,15 +413,15 @@ class TokenizerLoss(nn.Module):
         return TokenizerLossBreakdown(total=total, parts=parts, stats=stats)
 
 
-#: tokenizers.md §5.5. The quantizer's own weights (vq + 0.25 commit for VQ;
+#: docs/llamagen.md#loss-weights-of-the-three-tokenizers. The quantizer's own weights (vq + 0.25 commit for VQ;
 #: 0.1 (H_sample - H_codebook) + 0.25 commit for LFQ) live in the quantizer.
 TOKENIZER_LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "llamagen": dict(pixel_loss="l2", pixel_weight=1.0, lpips_weight=1.0, gen_loss="hinge",
                      gen_weight=0.5, disc_weight=0.5, disc_start=20000, lecam_weight=0.0),
-    # no pixel term in IAR2 stage 1, made explicit (pitfall C9)
+    # no pixel term in IAR2 stage 1, made explicit (docs/iar2.md#differences-from-upstream)
     "iar2_stage1": dict(pixel_loss="l2", pixel_weight=0.0, lpips_weight=1.0, gen_loss="hinge",
                         gen_weight=0.5, disc_weight=0.5, disc_start=20000, lecam_weight=0.0),
-    # joint pass; the step counter restarts at 0 in stage 2 (§3.5)
+    # joint pass; the step counter restarts at 0 in stage 2 (docs/iar2.md#stage-2-training-schedule)
     "iar2_stage2": dict(pixel_loss="l2", pixel_weight=1.0, lpips_weight=1.0, gen_loss="hinge",
                         gen_weight=0.5, disc_weight=0.5, disc_start=20000, lecam_weight=0.0),
     "open_magvit2_256": dict(pixel_loss="l1", pixel_weight=1.0, lpips_weight=1.0, gen_loss="non_saturating",
@@ -431,7 +432,7 @@ TOKENIZER_LOSS_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def tokenizer_loss(*, recipe: str = "llamagen", **overrides: Any) -> TokenizerLoss:
-    """A :class:`TokenizerLoss` from a named recipe (§5.5); keyword overrides replace single settings."""
+    """A :class:`TokenizerLoss` from a named recipe (docs/llamagen.md#loss-weights-of-the-three-tokenizers); keyword overrides replace single settings."""
     try:
         settings = dict(TOKENIZER_LOSS_PRESETS[recipe])
     except KeyError:

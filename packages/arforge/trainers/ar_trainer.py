@@ -1,6 +1,6 @@
 """The AR trainer (``jobs.train_ar``): class-conditional next-token training on extracted codes.
 
-``shared/specs/ar_models.md`` §6-7: AdamW with betas (0.9, 0.95) and decay only
+docs/llamagen.md#ar-model-training: AdamW with betas (0.9, 0.95) and decay only
 on tensors with >= 2 dims (norm gains and biases never decayed; IAR2's
 name-based rule is a parity option), gradient clipping at 1.0, bf16/fp16
 autocast, gradient accumulation, optional EMA, and the LR schedules of the
@@ -139,10 +139,10 @@ def train_ar(
         dataset: token codes, items ``(codes (L, S), label)`` (``@datasets.token_codes()``); or,
             with ``tokenizer``, images ``(image, label)`` tokenised on the fly.
         tokenizer: a frozen, trained tokenizer that encodes each batch of images (Open-MAGVIT2's AR
-            training, ar_models.md §7: random crops of the images, no pre-extracted codes).
+            training, docs/llamagen.md#ar-model-training: random crops of the images, no pre-extracted codes).
         steps: optimizer steps.
         batch_size: per-rank micro-batch; global batch = batch_size x grad_accum x world size.
-        lr / betas / weight_decay: AdamW (ar_models.md §7: 1e-4, (0.9, 0.95), 0.05).
+        lr / betas / weight_decay: AdamW (docs/llamagen.md#ar-model-training: 1e-4, (0.9, 0.95), 0.05).
         decay_rule: ``ndim`` (no decay on norms/biases) or ``name_norm`` (IAR2 FSDP parity).
         lr_schedule: ``constant`` (LlamaGen), ``cosine`` (IAR2; ``end_factor`` = final/peak, e.g. 1/3),
             ``warmup_hold_linear`` (Open-MAGVIT2; ``warmup_steps`` = 6 or 7 epochs of iterations).

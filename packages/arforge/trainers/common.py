@@ -2,7 +2,7 @@
 
 * :class:`EMA` -- an exact-copy EMA over parameters (LlamaGen ``update_ema``;
   Open-MAGVIT2 ``LitEma`` with the warm-up disabled is the same recurrence).
-* :func:`param_groups` -- AdamW decay groups (``ar_models.md`` §7: decay tensors
+* :func:`param_groups` -- AdamW decay groups (docs/llamagen.md#ar-model-training: decay tensors
   with >= 2 dims, never norms or biases; IAR2's name-based rule as a parity option).
 * :func:`lr_multiplier` -- constant, cosine, Open-MAGVIT2 warm-up/hold/linear,
   and step decay, as pure functions of the iteration.
@@ -60,7 +60,7 @@ class EMA:
 
     Starts as an exact copy of the model (LlamaGen ``utils/ema.py``). Only the
     modules handed in are tracked -- the trainers pass the generator, never the
-    discriminator (``upstream_pitfalls.md`` C6).
+    discriminator (docs/open_magvit2.md#differences-from-upstream).
     """
 
     def __init__(self, model: nn.Module, *, decay: float):
@@ -89,7 +89,7 @@ def param_groups(model: nn.Module, *, weight_decay: float, rule: str = "ndim") -
     ``rule="ndim"``: decay tensors with >= 2 dims (weights, embeddings), not
     1-D ones (norm gains, biases) -- LlamaGen's rule and arforge's default.
     ``rule="name_norm"``: IAR2 FSDP parity -- decay every parameter whose name
-    lacks "norm" (biases decayed; ``upstream_pitfalls.md`` D4).
+    lacks "norm" (biases decayed; docs/iar2.md#differences-from-upstream).
     """
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -116,7 +116,7 @@ class Schedule:
       * ``constant``.
       * ``cosine``: from 1 to ``end_factor`` over ``total_steps`` (IAR2: 3e-4 -> 1e-4 is end_factor 1/3),
         after ``warmup_steps`` of linear warm-up.
-      * ``warmup_hold_linear``: Open-MAGVIT2 ``lr_wd_annealing`` (``ar_models.md`` §7): linear
+      * ``warmup_hold_linear``: Open-MAGVIT2 ``lr_wd_annealing`` (docs/open_magvit2.md#training-recipe): linear
         warm-up from ``wp0`` over ``warmup_steps``, hold at peak for the first 5 % of the rest,
         then linear to ``wpe`` at the last iteration.
       * ``step``: multiply by ``gamma`` at each of ``milestones`` (iterations).

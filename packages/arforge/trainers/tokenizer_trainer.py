@@ -1,14 +1,14 @@
 """The tokenizer trainer (``jobs.train_tokenizer``): VQ, LFQ and semantic-detail tokenizers.
 
-Follows ``shared/specs/tokenizers.md`` §5.6: a generator step then a
+Follows docs/llamagen.md#tokenizer-training: a generator step then a
 discriminator step every iteration; Adam for both; gradient clipping per
 network; a step LR schedule (Open-MAGVIT2's x0.1 decays); bf16/fp16 autocast;
-EMA of the generator only (never the discriminator, pitfall C6); DDP under
+EMA of the generator only (never the discriminator, docs/open_magvit2.md#differences-from-upstream); DDP under
 torchrun; periodic reconstruction grids and PSNR/SSIM/LPIPS/codebook usage to
 the tracker; checkpoints with exact resume; a NaN guard that keeps the last
 good checkpoint.
 
-IAR2's two-stage recipe (§3.5): stage 2 starts from a stage-1 checkpoint
+IAR2's two-stage recipe (docs/iar2.md#stage-2-training-schedule): stage 2 starts from a stage-1 checkpoint
 (``init_from``, every weight except the new detail codebook) and runs the
 ``("second", 2), ("first", 1)`` cycle with four optimizers, written out
 explicitly: on a "first" iteration E1 is stepped on its clipped
@@ -89,8 +89,8 @@ def load_init(model: nn.Module, path: str | Path, *, which: str = "model",
 def evaluate_tokenizer(tokenizer: nn.Module, dataset, *, device: torch.device, batch_size: int = 32,
                        max_images: int | None = None, perceptual: nn.Module | None = None,
                        precision=None) -> dict[str, float]:
-    """Reconstruction metrics over a dataset: PSNR, SSIM (per image, evaluation.md §5.2-5.3),
-    LPIPS when a network is given, and codebook usage per id component (§5.5)."""
+    """Reconstruction metrics over a dataset: PSNR, SSIM (per image, docs/evaluation.md#psnr, docs/evaluation.md#ssim),
+    LPIPS when a network is given, and codebook usage per id component (docs/evaluation.md#codebook-usage)."""
     was_training = tokenizer.training
     tokenizer.eval()
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
@@ -167,7 +167,7 @@ def train_tokenizer(
         dataset / val_dataset: (image in [-1, 1], label) datasets.
         steps: total generator iterations.
         batch_size: per-rank batch size (global = batch_size x world size).
-        lr / betas: generator Adam (tokenizers.md §5.6: 1e-4, (0.9, 0.95); Open-MAGVIT2 (0.5, 0.9)).
+        lr / betas: generator Adam (docs/llamagen.md#tokenizer-training: 1e-4, (0.9, 0.95); Open-MAGVIT2 (0.5, 0.9)).
         disc_lr / disc_betas: discriminator Adam (default: the generator's).
         grad_clip: max gradient norm per network (1.0; None for Open-MAGVIT2).
         lr_milestones / lr_gamma: multiply both learning rates by gamma at these iterations
@@ -295,11 +295,11 @@ def train_tokenizer(
             set_lr(opt, base_lr[k] * schedule(it))
         images, _ = next(loader)
         images = images.to(device, non_blocking=True)
-        global_step = it + 1  # tokenizers.md §5.2: GAN gating uses iteration index + 1
+        global_step = it + 1  # docs/llamagen.md#discriminator-and-gan-loss: GAN gating uses iteration index + 1
         first = stage_cycle == "iar2" and it % 3 == 2
 
         g_sem = None
-        if first:  # the semantic-only pass trains E1 alone (tokenizers.md §3.5)
+        if first:  # the semantic-only pass trains E1 alone (docs/iar2.md#stage-2-training-schedule)
             optimizers["e1"].zero_grad(set_to_none=True)
             _, gs = run_generator(images, global_step, semantic_only=True)
             loop.check_finite(gs.total, gs.parts)
