@@ -132,7 +132,7 @@ def test_iar2_repeat_interleave_token_t_uses_cell_t_div_2():
 
 
 def test_rope_table_stays_fp32_when_the_model_is_cast():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     m = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=25).to(torch.bfloat16)
     assert m.backbone.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
@@ -274,7 +274,7 @@ def _fmt(n: int, like: str) -> str:
 
 
 def test_paper_preset_parameter_counts_match_spec():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     builders = {"llamagen_gpt": ar_presets.llamagen_gpt, "open_magvit2_ar": ar_presets.open_magvit2_ar,
                 "iar2_gpt": ar_presets.iar2_gpt}
@@ -291,7 +291,7 @@ def test_paper_preset_parameter_counts_match_spec():
 
 
 def test_preset_shapes_follow_spec_tables():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     with torch.device("meta"):
         gpt3b = ar_presets.llamagen_gpt("3B", block_size=576)

@@ -74,8 +74,8 @@ def _random_state(layout: dict[str, tuple], seed: int = 0) -> dict[str, torch.Te
 
 # ---------------------------------------------------------------- families
 def _family(name: str):
-    from arforge_plugins import ar_checkpoints as ac
-    from arforge_plugins import ar_presets as ap
+    from arforge_plugins.loaders import ar_checkpoints as ac
+    from arforge_plugins.models import ar_presets as ap
 
     if name == "llamagen":
         return dict(build=lambda: ap.llamagen_gpt("tiny", vocab_size=32, block_size=16),
@@ -112,8 +112,8 @@ def _logits(model, seed: int = 3):
     ("iar2", "XXL", lambda: iar2_layout(48, 1536), 7 * (48 + 5) + 20),
 ])
 def test_paper_preset_layout_matches_spec_on_meta(family, size, layout, count):
-    from arforge_plugins import ar_checkpoints as ac
-    from arforge_plugins import ar_presets as ap
+    from arforge_plugins.loaders import ar_checkpoints as ac
+    from arforge_plugins.models import ar_presets as ap
 
     build, keymap = {"llamagen": (ap.llamagen_gpt, ac.LLAMAGEN_GPT),
                      "open_magvit2": (ap.open_magvit2_ar, ac.OPEN_MAGVIT2_AR),
@@ -183,7 +183,7 @@ def test_wrapped_prefixes_and_containers_load(family):
 
 
 def test_llamagen_files_ddp_and_fsdp_with_drop_list(tmp_path):
-    from arforge_plugins import ar_checkpoints as ac
+    from arforge_plugins.loaders import ar_checkpoints as ac
 
     fam = _family("llamagen")
     src = _random_state(fam["layout"])
@@ -208,7 +208,7 @@ def test_llamagen_files_ddp_and_fsdp_with_drop_list(tmp_path):
 
 
 def test_open_magvit2_embedded_tokenizer_is_returned_not_dropped(tmp_path):
-    from arforge_plugins import ar_checkpoints as ac
+    from arforge_plugins.loaders import ar_checkpoints as ac
 
     fam = _family("open_magvit2")
     src = _random_state(fam["layout"])
@@ -229,8 +229,8 @@ def test_open_magvit2_embedded_tokenizer_is_returned_not_dropped(tmp_path):
 
 
 def test_iar2_load_turns_on_repeat_interleave_rope():
-    from arforge_plugins import ar_checkpoints as ac
-    from arforge_plugins import ar_presets as ap
+    from arforge_plugins.loaders import ar_checkpoints as ac
+    from arforge_plugins.models import ar_presets as ap
     from arforge.nn.llama import precompute_freqs_cis_2d
 
     src = _random_state(iar2_layout(2, 64, Vs=8, Vd=16))
@@ -248,7 +248,7 @@ def test_iar2_load_turns_on_repeat_interleave_rope():
 
 
 def test_wrong_family_is_rejected_with_every_problem_listed():
-    from arforge_plugins import ar_checkpoints as ac
+    from arforge_plugins.loaders import ar_checkpoints as ac
 
     src = _random_state(llamagen_layout(2, 64, V=32))
     with pytest.raises(KeyMapError) as exc:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(family: str, **kw) -> ARModel:
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     torch.manual_seed(0)
     if family == "llamagen":
@@ -159,7 +159,7 @@ def _slow_window(g: int, i: int, j: int) -> list[int]:
 @pytest.mark.parametrize("g,cells", [(5, [(0, 0), (0, 4), (1, 1), (2, 2), (4, 4), (3, 0)]),
                                      (24, [(0, 0), (0, 23), (1, 22), (2, 2), (12, 7), (23, 23), (23, 0)])])
 def test_window_neighbours_match_slow_reference(g, cells):
-    from arforge_plugins.semantic_detail_head import window_indices
+    from arforge_plugins.heads.semantic_detail_head import window_indices
 
     idx = window_indices(g)
     assert idx.shape == (g * g, 12)
@@ -188,7 +188,7 @@ def test_window_border_neighbours_get_mlp1_of_zero():
 
 # --------------------------------------------------------------- embeddings
 def test_factorizations_split_merge_and_embed():
-    from arforge_plugins.token_factorizations import (
+    from arforge_plugins.factorizations.token_factorizations import (
         BitSplitFactorization,
         IdentityFactorization,
         SemanticDetailFactorization,
@@ -280,7 +280,7 @@ def test_iar_cluster_loss_is_minus_log_cluster_probability():
 
 
 def test_iar_builder_uses_the_cluster_loss():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     torch.manual_seed(0)
     m = ar_presets.iar_gpt("tiny", vocab_size=32, block_size=16, cluster_size=8).eval()
@@ -291,7 +291,7 @@ def test_iar_builder_uses_the_cluster_loss():
 
 
 def test_model_initialisation_follows_spec():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     torch.manual_seed(0)
     for m, outs in ((ar_presets.llamagen_gpt("tiny", vocab_size=64, block_size=16), ["head.output.weight"]),

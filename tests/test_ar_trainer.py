@@ -120,9 +120,9 @@ def _digits_codes(tmp_path):
     from arforge.data.extraction import extract_codes
     from arforge.data.token_codes import TokenCodeDataset
     from arforge.trainers.tokenizer_trainer import train_tokenizer
-    from arforge_plugins.llamagen_vq import llamagen_vq_tokenizer
-    from arforge_plugins.tokenizer_losses import tokenizer_loss
-    from arforge_plugins.vector_quantization import VectorQuantizer
+    from arforge_plugins.tokenizers.llamagen_vq import llamagen_vq_tokenizer
+    from arforge_plugins.losses.tokenizer_losses import tokenizer_loss
+    from arforge_plugins.quantizers.vector_quantization import VectorQuantizer
 
     torch.manual_seed(0)
     tok = llamagen_vq_tokenizer(quantizer=VectorQuantizer(codebook_size=32, dim=8), preset="tiny")
@@ -138,8 +138,8 @@ def _digits_codes(tmp_path):
 
 
 def test_tiny_model_beats_unigram_entropy_on_digits_codes(tmp_path):
-    from arforge_plugins.linear_head import LinearHead
-    from arforge_plugins.token_factorizations import IdentityFactorization
+    from arforge_plugins.heads.linear_head import LinearHead
+    from arforge_plugins.factorizations.token_factorizations import IdentityFactorization
 
     data = _digits_codes(tmp_path)
     codes = torch.stack([torch.as_tensor(data[i][0]) for i in range(len(data))])[..., 0]  # (N, 16)
@@ -164,8 +164,8 @@ def _fixed_data():
 
 
 def _dropout_model():
-    from arforge_plugins.next_subtoken_head import NextSubtokenHead
-    from arforge_plugins.token_factorizations import BitSplitFactorization
+    from arforge_plugins.heads.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.factorizations.token_factorizations import BitSplitFactorization
 
     torch.manual_seed(0)
     fac = BitSplitFactorization(bits=(3, 5))
@@ -207,8 +207,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_codes_that_do_not_fit_are_clear_errors(tmp_path):
-    from arforge_plugins.linear_head import LinearHead
-    from arforge_plugins.token_factorizations import IdentityFactorization
+    from arforge_plugins.heads.linear_head import LinearHead
+    from arforge_plugins.factorizations.token_factorizations import IdentityFactorization
 
     model = build_model(IdentityFactorization(codebook_size=32), LinearHead(dim=DIM, vocab_size=32))
     pairs = CodesDataset(torch.zeros(8, GRID * GRID, 2, dtype=torch.long), torch.zeros(8))
@@ -222,10 +222,10 @@ def test_codes_that_do_not_fit_are_clear_errors(tmp_path):
 def test_on_the_fly_tokenisation_of_images(tmp_path):
     """Open-MAGVIT2 trains its AR model on images tokenised on the fly by the frozen tokenizer."""
     from arforge.data.digits import DigitsDataset
-    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
-    from arforge_plugins.next_subtoken_head import NextSubtokenHead
-    from arforge_plugins.open_magvit2_tokenizer import open_magvit2_tokenizer
-    from arforge_plugins.token_factorizations import BitSplitFactorization
+    from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.heads.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.tokenizers.open_magvit2_tokenizer import open_magvit2_tokenizer
+    from arforge_plugins.factorizations.token_factorizations import BitSplitFactorization
 
     torch.manual_seed(0)
     tok = open_magvit2_tokenizer(quantizer=LookupFreeQuantizer(bits=18), preset="tiny")  # 2x: 8 px -> 4x4

@@ -42,8 +42,8 @@ class LossTracker:
 def _ar_model(dropout: float):
     from test_ar_trainer import DIM, HEADS, build_model
 
-    from arforge_plugins.next_subtoken_head import NextSubtokenHead
-    from arforge_plugins.token_factorizations import BitSplitFactorization
+    from arforge_plugins.heads.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.factorizations.token_factorizations import BitSplitFactorization
 
     torch.manual_seed(0)
     fac = BitSplitFactorization(bits=(3, 5))

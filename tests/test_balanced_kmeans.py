@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from arforge_plugins.balanced_kmeans import (
+from arforge_plugins.clustering.balanced_kmeans import (
     balanced_kmeans,
     greedy_balanced_assignment,
     nearest_neighbour_chain,

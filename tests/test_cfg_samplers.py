@@ -10,7 +10,7 @@ import torch
 from arforge.ar_model import DecodeInfo
 from arforge.errors import ConfigError
 from arforge.generation import generate
-from arforge_plugins.cfg_samplers import (AdaptiveAttentionCFG, ConstantCFG, IntervalCFG, LinearCFG,
+from arforge_plugins.guidance.cfg import (AdaptiveAttentionCFG, ConstantCFG, IntervalCFG, LinearCFG,
                                           progress_weight)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +20,7 @@ INFO = DecodeInfo(n=0, L=10)
 
 
 def _iar2():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     torch.manual_seed(0)
     m = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=25)
@@ -92,7 +92,7 @@ def test_interval_from_upstream_matches_llamagen_loop(cfg_interval):
 
 
 def test_interval_ends_guidance_inside_generate():
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     torch.manual_seed(0)
     m = ar_presets.llamagen_gpt("tiny", vocab_size=32, block_size=16)

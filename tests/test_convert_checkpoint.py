@@ -32,7 +32,7 @@ def _build(preset):
 
 @pytest.mark.parametrize("fmt", sorted(TINY))
 def test_official_file_converts_and_gives_identical_logits(tmp_path, fmt):
-    from arforge_plugins import ar_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints
 
     preset, exporter, container = TINY[fmt]
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def test_official_file_converts_and_gives_identical_logits(tmp_path, fmt):
 
 
 def test_unmapped_key_is_reported_and_nothing_written(tmp_path, capsys):
-    from arforge_plugins import ar_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints
 
     model = _build("gin/models/tiny_llamagen.gin")
     state = ar_checkpoints.export_llamagen_gpt(model, container="bare")

@@ -57,7 +57,7 @@ def test_missing_required_binding_is_caught(tmp_path):
 
 
 def test_parameter_count_drift_is_caught(monkeypatch):
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     monkeypatch.setitem(ar_presets.PRESET_PARAMS, "llamagen_gpt/B", 111_000_000)
     with pytest.raises(ConfigError, match="llamagen_gpt/B has 110,888,448 parameters but the preset documents "

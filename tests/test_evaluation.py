@@ -19,8 +19,8 @@ from arforge.interfaces import TokenizerOutput
 from arforge.metrics import adm
 from arforge.metrics.adm import FeatureStats, MetricError
 from arforge.weights import WeightsNotFoundError
-from arforge_plugins.digits_classifier import DigitsClassifier, train_feature_extractor
-from arforge_plugins.evaluators import GenerationEvaluator, ReconstructionEvaluator
+from arforge_plugins.evaluators.digits_classifier import DigitsClassifier, train_feature_extractor
+from arforge_plugins.evaluators.metric_evaluators import GenerationEvaluator, ReconstructionEvaluator
 
 S = 16
 REPO = Path(__file__).resolve().parents[1]

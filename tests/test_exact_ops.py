@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arforge import registry as reg
-from arforge_plugins import llamagen_vq as lg
-from arforge_plugins import open_magvit2_tokenizer as om
-from arforge_plugins.vq_tokenizer import VQTokenizer
+from arforge_plugins.tokenizers import llamagen_vq as lg
+from arforge_plugins.tokenizers import open_magvit2_tokenizer as om
+from arforge_plugins.tokenizers.vq_tokenizer import VQTokenizer
 
 
 class PassThroughQuantizer(nn.Module):

@@ -13,7 +13,7 @@ from arforge.checkpoint import CheckpointError
 from arforge.evaluation.feature_extractors import (INCEPTION_FILENAME, FeatureExtractor, FeatureExtractorError,
                                                    InceptionV3Features, describe)
 from arforge.weights import WeightsHashError, WeightsNotFoundError, sha256_of
-from arforge_plugins.digits_classifier import DigitsClassifier, digits_classifier
+from arforge_plugins.evaluators.digits_classifier import DigitsClassifier, digits_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ _MODELS: dict[str, ARModel] = {}
 def _model(family: str) -> ARModel:
     """Tiny models with weights large enough that the logits (and CFG) change the samples."""
     if family not in _MODELS:
-        from arforge_plugins import ar_presets
+        from arforge_plugins.models import ar_presets
 
         torch.manual_seed(0)
         if family == "llamagen":
@@ -280,9 +280,9 @@ def test_guidance_is_decided_once_from_the_sampler():
 
 # ------------------------------------------------------------------- decoding
 def test_decode_tokens_merges_and_resizes_bicubically_without_antialias():
-    from arforge_plugins import open_magvit2_tokenizer as om
-    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
-    from arforge_plugins.token_factorizations import BitSplitFactorization
+    from arforge_plugins.tokenizers import open_magvit2_tokenizer as om
+    from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.factorizations.token_factorizations import BitSplitFactorization
 
     torch.manual_seed(0)
     tok = om.open_magvit2_tokenizer(preset="tiny", quantizer=LookupFreeQuantizer(bits=18)).eval()

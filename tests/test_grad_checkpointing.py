@@ -16,7 +16,7 @@ import torch
 
 from arforge import launch
 from arforge.generation import generate
-from arforge_plugins.ar_presets import iar2_gpt, llamagen_gpt, open_magvit2_ar
+from arforge_plugins.models.ar_presets import iar2_gpt, llamagen_gpt, open_magvit2_ar
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {  # gin file -> (configurable, factory)

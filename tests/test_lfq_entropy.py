@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arforge_plugins.lookup_free_quantization import (
+from arforge_plugins.quantizers.lookup_free_quantization import (
     LookupFreeQuantizer,
     codebook_entropy,
     codebook_prob_sum_bit_split,
@@ -197,7 +197,7 @@ def test_eval_mode_has_no_losses():
 
 _WORKER = textwrap.dedent("""
     import json, os, sys, torch
-    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
     rank, world, store, scope, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
     torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     torch.manual_seed(0)

@@ -32,9 +32,9 @@ pytestmark = [pytest.mark.plumbing, pytest.mark.usefixtures("one_thread")]  # lo
 
 
 def _pair(seed: int):
-    from arforge_plugins.ar_presets import open_magvit2_ar
-    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
-    from arforge_plugins.open_magvit2_tokenizer import open_magvit2_tokenizer
+    from arforge_plugins.models.ar_presets import open_magvit2_ar
+    from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.tokenizers.open_magvit2_tokenizer import open_magvit2_tokenizer
 
     torch.manual_seed(seed)
     model = open_magvit2_ar("tiny", factorized_bits=SPLIT, block_size=16, num_classes=2)
@@ -44,7 +44,7 @@ def _pair(seed: int):
 
 def _official_ar_file(path: Path, seed: int = 7) -> tuple[Path, dict, dict]:
     """An ``AR_256_*.ckpt`` in the Lightning layout, transformer and ``first_stage_model.*``."""
-    from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
     model, tokenizer = _pair(seed)
     container = ar_checkpoints.export_open_magvit2_ar(
@@ -98,7 +98,7 @@ def test_arforge_checkpoints_mark_what_they_fill(tmp_path):
 
 
 def test_official_open_magvit2_loaders_each_fill_and_mark_their_own_module(tmp_path):
-    from arforge_plugins.official_loaders import official_open_magvit2_ar, official_open_magvit2_tokenizer
+    from arforge_plugins.loaders.official_loaders import official_open_magvit2_ar, official_open_magvit2_tokenizer
 
     path, ar_state, tok_state = _official_ar_file(tmp_path / "AR_256_tiny.ckpt")
     model, tokenizer = _pair(0)

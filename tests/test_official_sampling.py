@@ -20,7 +20,7 @@ def _build(macro, preset_bindings):
 
 
 def test_llamagen_official_sample_launch(tmp_path):
-    from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
     tiny = ['models.llamagen_gpt.size = "tiny"', "models.llamagen_gpt.block_size = 16",
             'tokenizers.llamagen_vq.preset = "tiny"', "quantizers.vq.codebook_size = 64",

@@ -172,7 +172,7 @@ def test_cached_decode_logits_and_top1_tokens_match_upstream_sampler(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ema_entries_load_the_ema_tensors(family):
     """``weights="ema"`` fills the module with the file's EMA tensors, not the raw ones."""
-    from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
     meta, _ = fixture(family)
     for entry in [e for e in meta["model_files"] if e.endswith("#ema")]:
@@ -308,7 +308,8 @@ def test_contradicting_gpt_args_are_refused_naming_the_argument(tmp_path, arg, v
 
 
 def test_gpt_model_arg_names_the_gin_file_of_its_size():
-    from arforge_plugins import ar_checkpoints, ar_presets
+    from arforge_plugins.loaders import ar_checkpoints
+    from arforge_plugins.models import ar_presets
 
     with torch.device("meta"):  # the check runs before any tensor is read
         model = ar_presets.llamagen_gpt("B", block_size=576)

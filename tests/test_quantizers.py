@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from arforge.errors import ConfigError
 from arforge.interfaces import Quantizer, QuantizerOutput
-from arforge_plugins.lookup_free_quantization import (
+from arforge_plugins.quantizers.lookup_free_quantization import (
     LookupFreeQuantizer,
     bits_to_ids,
     ids_to_bits,
@@ -18,8 +18,8 @@ from arforge_plugins.lookup_free_quantization import (
     reverse_bit_order,
     split_ids,
 )
-from arforge_plugins.semantic_detail_quantization import SemanticDetailQuantizer
-from arforge_plugins.vector_quantization import VectorQuantizer, vq_entropy_terms
+from arforge_plugins.quantizers.semantic_detail_quantization import SemanticDetailQuantizer
+from arforge_plugins.quantizers.vector_quantization import VectorQuantizer, vq_entropy_terms
 
 
 def features(b, c, h, w, seed=0, dtype=torch.float32):

@@ -48,8 +48,9 @@ class FakeTracker:
 
 def _llamagen_pair():
     """A tiny LlamaGen AR model (vocab 32, 4x4 tokens) and a tiny VQ tokenizer (8x8 images)."""
-    from arforge_plugins import ar_presets, llamagen_vq
-    from arforge_plugins.vector_quantization import VectorQuantizer
+    from arforge_plugins.models import ar_presets
+    from arforge_plugins.tokenizers import llamagen_vq
+    from arforge_plugins.quantizers.vector_quantization import VectorQuantizer
 
     torch.manual_seed(0)
     model = ar_presets.llamagen_gpt("tiny", vocab_size=32, block_size=16, num_classes=C)
@@ -60,7 +61,7 @@ def _llamagen_pair():
 
 
 def _sampler():
-    from arforge_plugins.cfg_samplers import ConstantCFG
+    from arforge_plugins.guidance.cfg import ConstantCFG
 
     return ConstantCFG(scale=2.0)
 
@@ -127,9 +128,10 @@ def test_resize_to_eval_size_and_explicit_output(tmp_path):
 
 
 def test_iar2_with_adaptive_cfg_and_two_subtokens(tmp_path):
-    from arforge_plugins import ar_presets, llamagen_vq
-    from arforge_plugins.cfg_samplers import AdaptiveAttentionCFG
-    from arforge_plugins.semantic_detail_quantization import SemanticDetailQuantizer
+    from arforge_plugins.models import ar_presets
+    from arforge_plugins.tokenizers import llamagen_vq
+    from arforge_plugins.guidance.cfg import AdaptiveAttentionCFG
+    from arforge_plugins.quantizers.semantic_detail_quantization import SemanticDetailQuantizer
 
     torch.manual_seed(0)
     model = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=16, num_classes=2).eval()
@@ -162,7 +164,7 @@ def test_loads_ema_weights_strictly_from_checkpoints(tmp_path):
     assert tracker.params["sample.tokenizer_weights"] == "model"
     with pytest.raises(CheckpointError, match="no 'ema' weights"):
         _run(tmp_path / "run2", tokenizer_checkpoint=tmp_path / "tok", tokenizer_weights="ema")
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     other = ar_presets.llamagen_gpt("tiny", vocab_size=64, block_size=16, num_classes=C)
     save_checkpoint(tmp_path / "other", 1, {"model": other.state_dict()})

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arforge.interfaces import QuantizerOutput, Tokenizer
-from arforge_plugins import llamagen_vq as lg
-from arforge_plugins import open_magvit2_tokenizer as om
-from arforge_plugins.vq_tokenizer import VQTokenizer
+from arforge_plugins.tokenizers import llamagen_vq as lg
+from arforge_plugins.tokenizers import open_magvit2_tokenizer as om
+from arforge_plugins.tokenizers.vq_tokenizer import VQTokenizer
 
 
 # ------------------------------------------------------ test-local quantizers

@@ -14,10 +14,10 @@ from torch import nn
 
 from arforge.checkpoint import CheckpointError
 from arforge.keymap import KeyMapError
-from arforge_plugins import llamagen_vq as lg
-from arforge_plugins import open_magvit2_tokenizer as om
-from arforge_plugins import tokenizer_checkpoints as tc
-from arforge_plugins.tokenizer_losses import patchgan_discriminator
+from arforge_plugins.tokenizers import llamagen_vq as lg
+from arforge_plugins.tokenizers import open_magvit2_tokenizer as om
+from arforge_plugins.loaders import tokenizer_checkpoints as tc
+from arforge_plugins.losses.tokenizer_losses import patchgan_discriminator
 
 Shape = tuple[int, ...]
 

@@ -13,7 +13,7 @@ from torch import nn
 from arforge.errors import ArforgeError
 from arforge.keymap import KeyMapError
 from arforge.weights import WeightsHashError, WeightsNotFoundError, find_weights
-from arforge_plugins import tokenizer_losses as tl
+from arforge_plugins.losses import tokenizer_losses as tl
 
 
 # ================================================================ discriminator

@@ -12,12 +12,12 @@ from arforge.data.digits import DigitsDataset
 from arforge.data.extraction import local_context
 from arforge.trainers.common import NonFiniteLossError
 from arforge.trainers.tokenizer_trainer import evaluate_tokenizer, train_tokenizer
-from arforge_plugins.llamagen_vq import llamagen_vq_tokenizer
-from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
-from arforge_plugins.open_magvit2_tokenizer import open_magvit2_tokenizer
-from arforge_plugins.semantic_detail_quantization import SemanticDetailQuantizer
-from arforge_plugins.tokenizer_losses import tokenizer_loss
-from arforge_plugins.vector_quantization import VectorQuantizer
+from arforge_plugins.tokenizers.llamagen_vq import llamagen_vq_tokenizer
+from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
+from arforge_plugins.tokenizers.open_magvit2_tokenizer import open_magvit2_tokenizer
+from arforge_plugins.quantizers.semantic_detail_quantization import SemanticDetailQuantizer
+from arforge_plugins.losses.tokenizer_losses import tokenizer_loss
+from arforge_plugins.quantizers.vector_quantization import VectorQuantizer
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, digits):
     # A GAN recipe with a discriminator exercises both optimizers and the LeCAM buffers.
     def gan_loss():
         torch.manual_seed(123)
-        from arforge_plugins.tokenizer_losses import patchgan_discriminator
+        from arforge_plugins.losses.tokenizer_losses import patchgan_discriminator
         return tokenizer_loss(recipe="open_magvit2_256", lpips_weight=0,
                               discriminator=patchgan_discriminator(preset="tiny"))
 

@@ -49,12 +49,12 @@ class FixedImages(torch.utils.data.Dataset):
 
 
 def _models(setup: str):
-    from arforge_plugins.llamagen_vq import llamagen_vq_tokenizer
-    from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
-    from arforge_plugins.open_magvit2_tokenizer import open_magvit2_tokenizer
-    from arforge_plugins.semantic_detail_quantization import SemanticDetailQuantizer
-    from arforge_plugins.tokenizer_losses import PatchGANDiscriminator, tokenizer_loss
-    from arforge_plugins.vector_quantization import VectorQuantizer
+    from arforge_plugins.tokenizers.llamagen_vq import llamagen_vq_tokenizer
+    from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
+    from arforge_plugins.tokenizers.open_magvit2_tokenizer import open_magvit2_tokenizer
+    from arforge_plugins.quantizers.semantic_detail_quantization import SemanticDetailQuantizer
+    from arforge_plugins.losses.tokenizer_losses import PatchGANDiscriminator, tokenizer_loss
+    from arforge_plugins.quantizers.vector_quantization import VectorQuantizer
 
     torch.manual_seed(0)
     if setup == "lfq_entropy":

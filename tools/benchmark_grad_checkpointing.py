@@ -45,7 +45,7 @@ def _maxrss_bytes() -> int:
 def child(checkpointing: bool, batch: int, steps: int, seed: int) -> dict:
     import torch
 
-    from arforge_plugins.ar_presets import llamagen_gpt
+    from arforge_plugins.models.ar_presets import llamagen_gpt
 
     torch.manual_seed(seed)
     model = llamagen_gpt("B", block_size=256, vocab_size=16384, grad_checkpointing=checkpointing).float().train()

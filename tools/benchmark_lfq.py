@@ -69,7 +69,7 @@ def run_method(method: str, z):
     import torch
 
     if method in ("arforge", "arforge_chunked"):
-        from arforge_plugins.lookup_free_quantization import LookupFreeQuantizer
+        from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
 
         quantizer = LookupFreeQuantizer(
             bits=z.shape[1], tau=TAU, entropy_weight=ENTROPY_WEIGHT, commitment_weight=COMMITMENT_WEIGHT,

@@ -51,8 +51,8 @@ import torch
 
 from arforge.ar_model import ARModel, DecodeInfo
 from arforge.generation import generate, no_cache_step, process_logits, sampling_settings
-from arforge_plugins import ar_presets
-from arforge_plugins.cfg_samplers import AdaptiveAttentionCFG, ConstantCFG
+from arforge_plugins.models import ar_presets
+from arforge_plugins.guidance.cfg import AdaptiveAttentionCFG, ConstantCFG
 
 FAMILIES = {
     # name: (builder, default sampler, sampler without class attention)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llamagen-tiny,open_magvit2-tiny,iar2-tiny",
                     help="comma-separated <family>-<size>: families llamagen, open_magvit2, iar2; sizes as "
-                         "in arforge_plugins.ar_presets (tiny, B, L, ...)")
+                         "in arforge_plugins.models.ar_presets (tiny, B, L, ...)")
     ap.add_argument("--batch", type=int, default=1, help="images per batch (the caches hold 2x with CFG)")
     ap.add_argument("--steps", type=int, default=None,
                     help="cached path: decode only the first N positions and extrapolate (default: all)")

@@ -34,7 +34,7 @@ import torch
 from arforge.checkpoint import (CheckpointError, load_checkpoint, load_foreign, load_weights, save_weights,
                                 strip_wrapper_prefixes, unwrap_container)
 from arforge.errors import ArforgeError
-from arforge_plugins.balanced_kmeans import balanced_kmeans, reorder_codebook
+from arforge_plugins.clustering.balanced_kmeans import balanced_kmeans, reorder_codebook
 
 CODEBOOK_SUFFIXES = ("quantize.embedding.weight", "embedding.weight")
 

@@ -37,5 +37,9 @@ if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$py" -m pip install -q ${ARFORGE_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
 fi
-"$py" -m pip install -q -e ".${extras}"
+# arforge (packages/) and its built-in plugins (plugins/, their own distribution that
+# registers through the same entry points a third-party plugin uses). A checkout from
+# before the split may hold a stale ./arforge.egg-info that would shadow the new metadata.
+rm -rf arforge.egg-info
+"$py" -m pip install -q -e ".${extras}" -e ./plugins
 "$py" -c "import arforge, torch; print(f'arforge {arforge.__version__} installed (torch {torch.__version__}) in', __import__('sys').prefix)"

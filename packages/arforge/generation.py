@@ -3,7 +3,7 @@
 See docs/llamagen.md#sampling (and its KV-cache and sampling-defaults sections). One loop
 serves the three families: it drives :meth:`arforge.ar_model.ARModel.decode_step`
 position by position and, for each sub-token, asks a *sampler* (a CFG schedule,
-``plugins/arforge_plugins/cfg_samplers.py``) for the guidance scale and applies
+``plugins/arforge_plugins/guidance/cfg.py``) for the guidance scale and applies
 :func:`process_logits`.
 
 Logit processing (docs/llamagen.md#logit-processing), per sub-token and in this order

@@ -1,5 +1,7 @@
-"""arforge's built-in method plugins (LlamaGen, Open-MAGVIT2, IAR, IAR2).
+"""arforge's built-in method plugins (LlamaGen, Open-MAGVIT2, IAR, IAR2), one folder per kind.
 
-Each module is one component, named after its method; each registers through
-an ``arforge.plugins`` entry point in the root ``pyproject.toml``.
+This is its own distribution (``plugins/pyproject.toml``, ``arforge-plugins``): every
+component registers through the ``arforge.plugins`` entry-point group, the route a
+third-party plugin takes (docs/registry.md). Each module is one component, named
+after its method.
 """

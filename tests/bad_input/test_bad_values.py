@@ -284,7 +284,7 @@ def test_the_model_names_a_bad_id_or_label_instead_of_an_index_error():
     import torch
 
     from arforge.ar_model import TokenRangeError
-    from arforge_plugins.ar_presets import llamagen_gpt
+    from arforge_plugins.models.ar_presets import llamagen_gpt
 
     model = llamagen_gpt("tiny", vocab_size=VOCAB, block_size=GRID * GRID, num_classes=NUM_CLASSES).eval()
     ids = torch.zeros(2, GRID * GRID, 1, dtype=torch.long)

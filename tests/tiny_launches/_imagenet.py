@@ -166,7 +166,7 @@ def reference_batch(world: tl.World) -> Path:
 def _small_extractor(path: Path) -> Path:
     import torch
 
-    from arforge_plugins.digits_classifier import DigitsClassifier
+    from arforge_plugins.evaluators.digits_classifier import DigitsClassifier
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -369,7 +369,7 @@ def expect_tokenizer(lf: tl.LaunchFile, world: tl.World, result, run, codebook_s
     # The logged total is the recipe's weighted sum of the logged (unweighted) terms: the file's
     # recipe really is the loss (IAR2 stage 1's pixel weight 0 included), and the GAN is on
     # from DISC_START, for the generator (its adversarial term) and the discriminator (its hinge).
-    from arforge_plugins.tokenizer_losses import TOKENIZER_LOSS_PRESETS
+    from arforge_plugins.losses.tokenizer_losses import TOKENIZER_LOSS_PRESETS
 
     m = run.data.metrics
     recipe = TOKENIZER_LOSS_PRESETS[file_value(lf, "losses.tokenizer_loss.recipe")]

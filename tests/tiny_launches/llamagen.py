@@ -40,7 +40,7 @@ def _official_files(lf: tl.LaunchFile, out: Path) -> dict:
     so that their weights differ from anything a fresh build in the launch could produce."""
     import torch
 
-    from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
     im.parse_for_check(lf, TOKENIZER + MODEL)
     with torch.random.fork_rng():

@@ -87,7 +87,7 @@ def image_folder(world: tl.World) -> Path:
 def _feature_extractor(folder: Path) -> Path:
     import torch
 
-    from arforge_plugins.digits_classifier import DigitsClassifier
+    from arforge_plugins.evaluators.digits_classifier import DigitsClassifier
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -123,7 +123,7 @@ def _official(lf: tl.LaunchFile, folder: Path) -> dict[str, Any]:
     import torch
 
     from arforge import launch
-    from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+    from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
     launch.parse(lf.path, TOKENIZER + MODEL)
     try:
@@ -367,7 +367,7 @@ def _expect_evaluate(lf: tl.LaunchFile, world: tl.World, result, run) -> None:
     """FID at each fidelity step, IS and precision/recall of the samples the file names, against
     the reference batch; the FID is recomputed here from the extractor's features."""
     from arforge.metrics.adm import FeatureStats, frechet_distance
-    from arforge_plugins.digits_classifier import DigitsClassifier
+    from arforge_plugins.evaluators.digits_classifier import DigitsClassifier
 
     metrics, params = run.data.metrics, run.data.params
     assert {"fid", "is", "precision", "recall"} <= set(metrics), metrics

@@ -62,7 +62,7 @@ def _sample_side(binds: list[str]) -> int:
 def _feature_extractor(folder: Path, side: int) -> Path:
     import torch
 
-    from arforge_plugins.digits_classifier import DigitsClassifier
+    from arforge_plugins.evaluators.digits_classifier import DigitsClassifier
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -206,7 +206,7 @@ def _expect_trial(lf, world, client, trial, frozen, space, launch) -> None:
 
 def _expect_own_fid(world: tl.World, trial, stage, objective: str) -> None:
     from arforge.metrics.adm import FeatureStats, frechet_distance
-    from arforge_plugins.digits_classifier import DigitsClassifier
+    from arforge_plugins.evaluators.digits_classifier import DigitsClassifier
 
     params = stage.data.params
     samples = Path(params["eval.samples"])

@@ -40,7 +40,7 @@ from torch import nn
 
 from arforge.errors import ConfigError
 from arforge.interfaces import QuantizerOutput
-from arforge_plugins.vector_quantization import nearest_codes, vq_losses
+from arforge_plugins.quantizers.vector_quantization import nearest_codes, vq_losses
 
 
 def _uniform_normalised(rows: int, dim: int, *, device=None, dtype=None) -> torch.Tensor:

@@ -34,10 +34,10 @@ from arforge.errors import ConfigError
 from arforge.interfaces import as_grid
 from arforge.nn.llama import LlamaBackbone
 
-from arforge_plugins.linear_head import LinearHead
-from arforge_plugins.next_subtoken_head import NextSubtokenHead
-from arforge_plugins.semantic_detail_head import SemanticDetailHead
-from arforge_plugins.token_factorizations import (
+from arforge_plugins.heads.linear_head import LinearHead
+from arforge_plugins.heads.next_subtoken_head import NextSubtokenHead
+from arforge_plugins.heads.semantic_detail_head import SemanticDetailHead
+from arforge_plugins.factorizations.token_factorizations import (
     BitSplitFactorization,
     IdentityFactorization,
     SemanticDetailFactorization,

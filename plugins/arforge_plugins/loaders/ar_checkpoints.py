@@ -187,7 +187,7 @@ def check_args(model: ARModel, args: Any, what: str) -> None:
 
 
 def _known_sizes(family: str) -> set[str]:
-    from arforge_plugins import ar_presets
+    from arforge_plugins.models import ar_presets
 
     table = {"llamagen_gpt": ar_presets.LLAMAGEN_SIZES, "iar2_gpt": ar_presets.IAR2_SIZES,
              "open_magvit2_ar": ar_presets.OPEN_MAGVIT2_SIZES}.get(family, {})

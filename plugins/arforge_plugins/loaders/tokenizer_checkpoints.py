@@ -29,8 +29,8 @@ from arforge.checkpoint import CheckpointError, load_foreign, strip_wrapper_pref
 from arforge.keymap import KeyMap, KeyMapError
 from arforge.weights import sha256_of
 
-from arforge_plugins.ar_checkpoints import TOKENIZER_PREFIX as AR_TOKENIZER_PREFIX
-from arforge_plugins.ar_checkpoints import CheckpointArgsError
+from arforge_plugins.loaders.ar_checkpoints import TOKENIZER_PREFIX as AR_TOKENIZER_PREFIX
+from arforge_plugins.loaders.ar_checkpoints import CheckpointArgsError
 
 #: ``quantize.codebook_used`` / ``codebook_used2``: usage windows of 65,536 ids (docs/llamagen.md#vector-quantizer).
 USAGE_BUFFER_LENGTH = 65536

@@ -10,7 +10,7 @@ Module attribute names follow the official checkpoint layout exactly
 identity on names (``tokenizer_checkpoints.py``). The quantizer is not part of
 this file: :func:`llamagen_vq_tokenizer` composes these backbones with any
 ``arforge.interfaces.Quantizer`` (the l2-normalised VQ for LlamaGen/IAR, the
-semantic-detail quantizer for IAR2) through :class:`~arforge_plugins.vq_tokenizer.VQTokenizer`.
+semantic-detail quantizer for IAR2) through :class:`~arforge_plugins.tokenizers.vq_tokenizer.VQTokenizer`.
 
 Every block takes a keyword ``exact_ops`` (default False): use the reference
 code's op order: x*sigmoid(x) for SiLU and bmm+softmax attention with the scale
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arforge_plugins.vq_tokenizer import VQTokenizer, swish
+from arforge_plugins.tokenizers.vq_tokenizer import VQTokenizer, swish
 
 
 def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:

@@ -39,7 +39,7 @@ from torch import nn
 
 from arforge.checkpoint import CheckpointError, mark_loaded
 
-from arforge_plugins import ar_checkpoints, tokenizer_checkpoints
+from arforge_plugins.loaders import ar_checkpoints, tokenizer_checkpoints
 
 
 def _path(checkpoint: str | os.PathLike, what: str) -> Path:

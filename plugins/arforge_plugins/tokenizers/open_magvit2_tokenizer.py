@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from arforge_plugins.vq_tokenizer import VQTokenizer, swish
+from arforge_plugins.tokenizers.vq_tokenizer import VQTokenizer, swish
 
 
 def _group_norm(channels: int, num_groups: int, *, affine: bool = True) -> nn.GroupNorm:

@@ -280,7 +280,7 @@ class ReconstructionEvaluator:
         if self._perceptual is not None:
             return self._perceptual
         from arforge.weights import WeightsNotFoundError
-        from arforge_plugins.tokenizer_losses import LPIPS
+        from arforge_plugins.losses.tokenizer_losses import LPIPS
 
         nets: dict[str, object] = {}
         for net in self.lpips:

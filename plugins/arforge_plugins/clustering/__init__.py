@@ -1,0 +1,1 @@
+"""IAR's codebook clustering: balanced k-means and the cluster-ordered codebook (docs/iar.md)."""

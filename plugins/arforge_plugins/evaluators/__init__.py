@@ -1,0 +1,1 @@
+"""Evaluators (``evaluators.*``) and feature extractors (``feature_extractors.*``): generation metrics over sample batches, reconstruction metrics over tokenizers, and the quickstart's digits classifier (docs/evaluation.md)."""
