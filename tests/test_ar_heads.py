@@ -307,3 +307,37 @@ def test_model_initialisation_follows_spec():
                 assert torch.count_nonzero(v) == 0, k
         w = m.backbone.layers[0].feed_forward.w1.weight
         assert abs(w.std().item() - 0.02) < 0.002
+
+
+# ------------------------------------------------------------ head factories
+@pytest.mark.plumbing
+def test_head_factory_gets_width_vocabularies_and_grid_from_the_model():
+    """``models.ar_model.head = @heads.x`` (no parentheses): the model supplies dim, vocab_sizes
+    and grid_size, so a gin file does not repeat them (and cannot get them wrong)."""
+    import functools
+
+    from arforge.nn.llama import LlamaBackbone
+    from arforge_plugins.factorizations.token_factorizations import SemanticDetailFactorization
+    from arforge_plugins.heads.semantic_detail_head import SemanticDetailHead
+
+    fact = SemanticDetailFactorization(semantic_size=8, detail_size=16)
+    backbone = LlamaBackbone(dim=32, n_layer=1, n_head=4, block_size=25)
+    m = ARModel(factorization=fact, backbone=backbone, num_classes=10,
+                head=functools.partial(SemanticDetailHead, n_head=4, n_layer=1))
+    assert (m.head.dim, tuple(m.head.vocab_sizes), m.head.grid_size) == (32, (8, 16), 5)
+    import gin
+
+    from arforge import registry
+
+    registry.load_plugins()  # the gin configurable (a subclass whose signature is (*args, **kwargs))
+    with gin.config_scope(None):
+        gin.bind_parameter("heads.semantic_detail_local.n_head", 4)
+        gin.bind_parameter("heads.semantic_detail_local.n_layer", 1)
+        try:
+            g = ARModel(factorization=fact, backbone=backbone, num_classes=10,
+                        head=gin.get_configurable("heads.semantic_detail_local"))
+        finally:
+            gin.clear_config()
+    assert (g.head.dim, tuple(g.head.vocab_sizes), g.head.grid_size) == (32, (8, 16), 5)
+    with pytest.raises(TypeError, match="not a torch module"):
+        ARModel(factorization=fact, backbone=backbone, num_classes=10, head=lambda **kw: None)

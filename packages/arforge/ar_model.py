@@ -171,10 +171,40 @@ class _DecodeState:
         return 2 * self.batch if self.cfg else self.batch
 
 
+def _build_head(factory: Callable[..., nn.Module], *, dim: int, vocab_sizes: tuple[int, ...],
+                block_size: int) -> nn.Module:
+    """Call a head factory with what the model already knows (width, vocabularies, grid)."""
+    import functools
+    import inspect
+
+    kwargs: dict[str, object] = {"dim": dim, "vocab_sizes": vocab_sizes}
+    target = factory
+    while isinstance(target, functools.partial):
+        target = target.func
+    # A class is read through __init__: gin's configurable subclass reports (*args, **kwargs).
+    target = target.__init__ if isinstance(target, type) else target
+    try:
+        takes_grid = "grid_size" in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes_grid = False
+    if takes_grid:
+        side = int(round(block_size ** 0.5))
+        if side * side != block_size:
+            raise ValueError(f"head {getattr(factory, '__name__', factory)!r} needs a square token grid, "
+                             f"but the backbone's block_size is {block_size}")
+        kwargs["grid_size"] = side
+    head = factory(**kwargs)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"the head factory {getattr(factory, '__name__', factory)!r} returned "
+                        f"{type(head).__name__}, not a torch module")
+    return head
+
+
 class ARModel(nn.Module):
     """A class-conditional AR model over sub-tokens (see the module docstring for the API)."""
 
-    def __init__(self, *, factorization: Factorization, backbone: LlamaBackbone, head: nn.Module,
+    def __init__(self, *, factorization: Factorization, backbone: LlamaBackbone,
+                 head: nn.Module | Callable[..., nn.Module],
                  num_classes: int = 1000, class_dropout_p: float = 0.1,
                  loss_weights: Sequence[float] | None = None, cluster_size: int | None = None,
                  cluster_loss_weight: float = 1.0, init_weights: bool = True):
@@ -183,7 +213,10 @@ class ARModel(nn.Module):
             factorization: tokenizer ids <-> sub-tokens, and the input token embedder
                 (``build_embedder``); its ``vocab_sizes`` must equal the head's.
             backbone: the decoder stack (docs/llamagen.md#llama-backbone, docs/llamagen.md#2d-rope); its width must equal the head's.
-            head: the output head plugin (docs/llamagen.md#ar-model).
+            head: the output head plugin (docs/llamagen.md#ar-model), built or as a factory: a
+                factory (in gin ``@heads.linear`` without parentheses) is called with the
+                backbone's ``dim``, the factorization's ``vocab_sizes`` and, when it takes one,
+                the ``grid_size`` of the backbone's square token grid, so they are not repeated.
             num_classes: classes of the label embedder (docs/llamagen.md#class-conditioning: 1000, plus the null row).
             class_dropout_p: label dropout to the null class in training (docs/llamagen.md#class-conditioning: 0.1).
             loss_weights: per-sub-token CE weights (docs/iar2.md#losses; IAR2's ``--w1`` is the first).
@@ -193,6 +226,8 @@ class ARModel(nn.Module):
         """
         super().__init__()
         vocab = tuple(factorization.vocab_sizes)
+        if not isinstance(head, nn.Module):
+            head = _build_head(head, dim=backbone.dim, vocab_sizes=vocab, block_size=backbone.block_size)
         if tuple(head.vocab_sizes) != vocab:
             raise ValueError(f"head vocabularies {tuple(head.vocab_sizes)} differ from the factorization's {vocab}")
         if head.dim != backbone.dim:
