@@ -13,6 +13,7 @@ Where things live:
 - ``config``: the ``study`` configurable, its checks, sampler and pruner;
 - ``storage``: the Optuna storage and the guarded ``ask`` that keeps
   concurrent workers to exactly ``n_trials``;
+- ``usage``: which gin parameters a launch reads, so that a study searches only live ones;
 - ``runner``: one worker (the trial loop, heartbeats, retries, waiting);
 - ``runs``: the parent and trial MLflow runs;
 - ``plots``: Optuna's plots for the parent run;

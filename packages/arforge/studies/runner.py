@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from arforge import launch as _launch
 from arforge.compare import safe_name
 from arforge.errors import ArforgeError, ConfigError
-from arforge.studies import runs
+from arforge.studies import runs, usage
 from arforge.studies.config import (grid_size, load_study_config, make_pruner, make_sampler,
                                     resolve_launch_file, split_bindings)
 from arforge.studies.plots import save_study_plots
@@ -98,21 +98,29 @@ class StudyRunner:
                 'arforge.launch.resume = "never"']
 
     def validate_launch(self) -> None:
-        """Fail before any trial if the launch file, a space name or a choice does not parse."""
+        """Fail before any trial if the launch file, a space name or a choice does not parse, or
+        if a searched parameter is one the launch never reads (:mod:`arforge.studies.usage`)."""
         _launch.parse(self.launch_file)
         example = {n: s.example() for n, s in self.cfg.space.items()}
         variants = [example]
         for name, spec in self.cfg.space.items():  # every categorical choice, as it may name a plugin
             if spec.kind == "categorical":
                 variants += [{**example, name: label} for label in spec.labels()[1:]]
+        calls: set = set()
         for values in variants:
             lines = [f"{k} = {v}" for k, v in space_bindings(self.cfg.space, values).items()]
             try:
                 _launch.parse(self.launch_file, self._trial_bindings(lines, "trial-0000"))
+                # A parameter counts as searched if some choice of the categoricals makes the launch
+                # read it (guidance.linear.start is live only while guidance = @guidance.linear()).
+                calls |= usage.launch_calls(self.launch_file, self._trial_bindings(lines, "trial-0000"))
             except ConfigError as exc:
                 raise ConfigError(f"{self.study_file}: study.space/fixed_bindings do not fit "
                                   f"{self.launch_file}: {exc}") from None
         gin.clear_config()
+        dead = usage.unused(self.cfg.space, calls)
+        if dead:
+            raise ConfigError(usage.describe_unused(dead, study_file=self.study_file, launch_file=self.launch_file))
 
     def _signature(self) -> dict[str, Any]:
         return {"launch_file": str(self.cfg.launch_file), "objective": self.cfg.objective,
