@@ -31,12 +31,12 @@ from arforge.studies.plots import save_study_plots
 from arforge.studies.results import StudyResult, print_result
 from arforge.studies.runner import StudyRunner, run_study
 from arforge.studies.space import SPACE_TYPES, CategoricalSpace, FloatSpace, IntSpace, gin_literal, space_bindings
-from arforge.studies.storage import StudyError, StudyLock, default_storage_url, mask_url, normalize_storage_url, \
-    open_storage, slots_used
+from arforge.studies.storage import HeartbeatJournalStorage, StudyError, StudyLock, default_storage_url, mask_url, \
+    normalize_storage_url, open_storage, slots_used
 
 __all__ = [
     "PRUNERS", "SAMPLERS", "SPACE_TYPES", "CategoricalSpace", "CompareResult", "FloatSpace", "IntSpace",
-    "StudyConfig", "StudyError", "StudyLock", "StudyResult", "StudyRunner", "add_cli", "compare_runs",
+    "HeartbeatJournalStorage", "StudyConfig", "StudyError", "StudyLock", "StudyResult", "StudyRunner", "add_cli", "compare_runs",
     "default_storage_url", "format_table", "gin_literal", "load_study_config", "mask_url",
     "normalize_storage_url", "open_storage", "print_result", "resolve_launch_file", "run_study",
     "save_study_plots", "slots_used", "space_bindings", "split_bindings", "study",

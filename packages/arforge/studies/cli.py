@@ -31,8 +31,9 @@ def add_cli(subparsers: Any) -> None:
         description="Run an Optuna study file. Several workers running the same command (same --storage) "
                     "share one study; running it again resumes it until n_trials trials have finished.")
     s.add_argument("study_file", help="the study .gin file")
-    s.add_argument("--storage", help="Optuna storage URL shared by all workers, e.g. postgresql://user@host/db "
-                                     "(default: sqlite:///$ARFORGE_HOME/optuna.db)")
+    s.add_argument("--storage", help="Optuna storage shared by all workers: a database URL, e.g. "
+                                     "postgresql://user@host/db, or a file journal, journal:///path/study.log "
+                                     "(default: study.storage, else sqlite:///$ARFORGE_HOME/optuna.db)")
     s.add_argument("--n-trials", type=int, help="total finished trials wanted (overrides study.n_trials)")
     s.add_argument("--bind", "-b", action="append", default=[],
                    help="a gin binding: study.*/space.* change the study, any other is added to every "

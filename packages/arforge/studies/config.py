@@ -51,6 +51,7 @@ class StudyConfig:
     max_retry: int = 3
     max_consecutive_failures: int = 5
     enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    storage: str | None = None
 
 
 @gin.configurable(module="arforge")
@@ -77,6 +78,7 @@ def study(
     max_retry: int = 3,
     max_consecutive_failures: int = 5,
     enqueue: Sequence[Mapping[str, Any]] = (),
+    storage: str | None = None,
 ) -> StudyConfig:
     """An Optuna study over the gin parameters of one launch file.
 
@@ -115,6 +117,10 @@ def study(
         enqueue: points the study runs first (``optuna.Study.enqueue_trial``),
             each ``{space name: value}``, e.g. a baseline every other trial is
             compared with. A new study enqueues them once; they count towards ``n_trials``.
+        storage: where the study lives when ``--storage`` is not given: an RDB URL
+            (``postgresql://user@host/db``) or ``journal:///path/study.log`` (Optuna's file journal;
+            a relative path is taken against the study file's folder). Default:
+            ``sqlite:///$ARFORGE_HOME/optuna.db``.
     """
     return StudyConfig(
         launch_file=launch_file, space=dict(space) if isinstance(space, Mapping) else space,
@@ -124,7 +130,7 @@ def study(
         n_warmup_steps=n_warmup_steps, pruner_options=dict(pruner_options or {}),
         fixed_bindings=list(fixed_bindings), timeout=timeout, heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, max_retry=max_retry, max_consecutive_failures=max_consecutive_failures,
-        enqueue=[dict(p) if isinstance(p, Mapping) else p for p in enqueue])
+        enqueue=[dict(p) if isinstance(p, Mapping) else p for p in enqueue], storage=storage)
 
 
 _STUDY_SELECTOR = re.compile(r"^\s*(?:[\w./]+/)?(?:arforge\.)?(?:study|space\.\w+)\.\w+\s*=")
@@ -192,6 +198,9 @@ def _check_config(cfg: StudyConfig, path: Path) -> StudyConfig:
     if cfg.heartbeat_interval is None or cfg.heartbeat_interval < 0 or \
             (cfg.grace_period is not None and cfg.grace_period < 1):
         raise bad("study.heartbeat_interval must be >= 0 (0: off) and grace_period >= 1")
+    if cfg.storage is not None and (not isinstance(cfg.storage, str) or "://" not in cfg.storage):
+        raise bad(f"study.storage must be a storage URL such as 'journal:///path/study.log' or "
+                  f"'postgresql://user@host/db', not {cfg.storage!r}")
     if cfg.max_retry is not None and cfg.max_retry < 0:
         raise bad("study.max_retry must be >= 0")
     for i, point in enumerate(cfg.enqueue):

@@ -36,8 +36,9 @@ from arforge.studies.config import (grid_size, load_study_config, make_pruner, m
 from arforge.studies.plots import save_study_plots
 from arforge.studies.results import StudyResult
 from arforge.studies.space import gin_literal, space_bindings
-from arforge.studies.storage import (FINISHED, CappedStudy, NoRoom, StudyError, StudyLock, default_storage_url,
-                                     mask_url, normalize_storage_url, open_storage, slots_used)
+from arforge.studies.storage import (FINISHED, CappedStudy, NoRoom, StudyError, StudyLock, check_journal,
+                                     default_storage_url, journal_path, mask_url, normalize_storage_url,
+                                     open_storage, slots_used)
 
 
 def _no_trial_tracebacks(record: logging.LogRecord) -> bool:
@@ -69,7 +70,10 @@ class StudyRunner:
                 setattr(self.cfg, key, value)
         self.launch_file = resolve_launch_file(self.cfg, self.study_file)
         self.fixed = [*self.cfg.fixed_bindings, *trial_binds]
-        self.storage_url = normalize_storage_url(storage or default_storage_url())
+        # --storage, else the study file's study.storage (relative journal paths next to it), else the default.
+        self.storage_url = (normalize_storage_url(storage) if storage else
+                            normalize_storage_url(self.cfg.storage, base=self.study_file.resolve().parent)
+                            if self.cfg.storage else default_storage_url())
         self.verbose, self.plots = verbose, plots
         self.lock = StudyLock(self.storage_url, self.cfg.study_name)
         self.parent_run_id: str | None = None
@@ -153,7 +157,10 @@ class StudyRunner:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Both stores are checked before the study or any run is created.
-        tracking.check_store(self.storage_url, option="study storage (--storage)", what="optuna")
+        if journal_path(self.storage_url) is not None:
+            check_journal(self.storage_url)
+        else:
+            tracking.check_store(self.storage_url, option="study storage (--storage)", what="optuna")
         tracking.check_store()
         self.validate_launch()
         size = grid_size(self.cfg)

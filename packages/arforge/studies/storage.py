@@ -1,7 +1,8 @@
 """Where studies live, and the one guarantee Optuna leaves to us: exactly ``n_trials``.
 
 Optuna provides the rest of the worker protocol (docs/studies.md, "Storage and
-workers"): ``RDBStorage`` shared by every worker, heartbeats that fail a dead
+workers"): ``RDBStorage`` or a file ``JournalStorage`` shared by every worker
+(the journal given heartbeats here, :class:`HeartbeatJournalStorage`), heartbeats that fail a dead
 worker's trial (``heartbeat_interval``/``grace_period``),
 ``RetryHeartbeatStaleTrialCallback`` that re-queues its parameters, and
 ``MaxTrialsCallback`` that stops a worker once the target is met.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 import re
 import time
 import warnings
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat  # Optuna's heartbeat protocol; no public name
 from optuna.trial import TrialState
 
 from arforge.errors import ArforgeError
@@ -46,13 +49,34 @@ def default_storage_url() -> str:
     return f"sqlite:///{tracking.home() / 'optuna.db'}"
 
 
-def normalize_storage_url(url: str) -> str:
-    """Pin a bare ``postgresql://`` URL to the installed driver.
+JOURNAL = "journal://"
+
+
+def journal_path(url: str) -> Path | None:
+    """The log file of a ``journal:///abs/path.log`` (or ``journal://relative.log``) URL, else None."""
+    if not url.startswith(JOURNAL):
+        return None
+    return Path(url[len(JOURNAL):]).expanduser()
+
+
+def normalize_storage_url(url: str, *, base: str | os.PathLike | None = None) -> str:
+    """Pin a bare ``postgresql://`` URL to the installed driver; make a journal path absolute.
+
+    A relative ``journal://`` path is taken against ``base`` (the study file's folder, for
+    ``study.storage``) or the working directory (``--storage``), so every worker of a study,
+    whatever its folder, prints and opens the same file.
 
     SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3 (2.0 mapped it to
     psycopg2); arforge's ``postgres`` extra installs psycopg2-binary, so take
     whichever of the two is importable. ``postgres://`` is accepted as well.
     """
+    path = journal_path(url)
+    if path is not None:
+        if not str(path) or str(path) == ".":
+            raise StudyError(f"study storage {url!r} names no file; write journal:///path/to/study.log")
+        if not path.is_absolute():
+            path = Path(base or os.getcwd()) / path
+        return JOURNAL + str(Path(os.path.normpath(path)))
     m = re.match(r"^(postgresql|postgres)://", url)
     if not m:
         return url
@@ -69,14 +93,88 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
+def check_journal(url: str, *, option: str = "study storage (--storage)") -> Path:
+    """The journal file of ``url``, its folder created; a clear error if it cannot be one."""
+    path = journal_path(url)
+    assert path is not None
+    if path.is_dir():
+        raise StudyError(f"{option} = {url}: {path} is a folder; name the journal file in it, "
+                         f"e.g. journal://{path / 'studies.log'}")
+    blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise StudyError(f"{option} = {url}: {blocker} is a file, not a folder; choose a journal path in a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StudyError(f"{option} = {url}: cannot create {path.parent}: {exc.strerror}") from None
+    return path
+
+
+class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Optuna's ``JournalStorage`` with heartbeats, for its file backend.
+
+    Optuna's journal storage has no heartbeats (``RDBStorage`` alone implements
+    ``BaseHeartbeat``), so a worker killed mid-trial would hold its slot for ever. This class
+    implements Optuna's own heartbeat protocol on top of the journal: a beat is a trial system
+    attribute ``arforge.heartbeat`` (the beating host's clock), and a RUNNING trial whose last
+    beat (or start) is older than ``grace_period`` is stale. Optuna's optimize loop then runs the
+    heartbeat thread, ``fail_stale_trials`` and ``RetryHeartbeatStaleTrialCallback`` exactly as on
+    an RDB. Workers on several machines need clocks in step (NTP) to well within the grace period.
+    """
+
+    BEAT = "arforge.heartbeat"
+
+    def __init__(self, backend: Any, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 stale_trial_callback: Callable[[Any, Any], None] | None = None):
+        super().__init__(backend)
+        self._heartbeat_interval = heartbeat_interval or None
+        self._grace_period = grace_period or (2 * heartbeat_interval if heartbeat_interval else None)
+        self._stale_trial_callback = stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, self.BEAT, time.time())
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            pass  # finished meanwhile (or failed as stale by another worker): nothing left to keep alive
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        if self._grace_period is None:
+            return []
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            last = t.system_attrs.get(self.BEAT)
+            if last is None and t.datetime_start is not None:
+                last = t.datetime_start.timestamp()  # the journal keeps local wall time
+            if last is not None and now - float(last) > self._grace_period:
+                stale.append(t._trial_id)  # noqa: SLF001  (Optuna's own storages key trials by it)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[Any, Any], None] | None:
+        return self._stale_trial_callback
+
+
 def open_storage(url: str | None = None, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None,
                  stale_trial_callback: Callable[[Any, Any], None] | None = None) -> Any:
-    """An Optuna ``RDBStorage`` on ``url`` (default: ``$ARFORGE_HOME/optuna.db``).
+    """The Optuna storage ``url`` names (default: ``$ARFORGE_HOME/optuna.db``).
 
-    SQLite gets a 30 s busy timeout so that several local workers can share the file.
+    ``journal:///path/study.log``: Optuna's ``JournalStorage`` on a ``JournalFileBackend`` with
+    its ``JournalFileOpenLock`` (an ``O_EXCL`` lock file, which works on NFSv3+, where SQLite's
+    ``fcntl`` locks do not), plus heartbeats (:class:`HeartbeatJournalStorage`). Anything else is
+    an ``RDBStorage``; SQLite gets a 30 s busy timeout so that several local workers can share the file.
     """
     url = normalize_storage_url(url or default_storage_url())
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        path = str(check_journal(url))
+        return HeartbeatJournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)),
+                                       heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                       stale_trial_callback=stale_trial_callback)
     if url.startswith("sqlite:"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +216,8 @@ class StudyLock:
     def __call__(self) -> contextlib.AbstractContextManager:
         if self.dialect == "sqlite":
             return self._file_lock()
+        if self.dialect == "journal":
+            return self._journal_lock()
         if self.dialect in ("postgresql", "postgres", "mysql", "mariadb"):
             return self._db_lock()
         warnings.warn(f"no cross-process study lock for {self.dialect!r} storages: concurrent workers may "
@@ -139,6 +239,24 @@ class StudyLock:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _journal_lock(self) -> Iterator[None]:
+        # The journal's own kind of lock (an O_EXCL file), one per study, beside the log: it works
+        # where the log is shared over NFS. A lock left by a killed worker is broken after 60 s
+        # (Optuna's grace_period); the sections it guards take well under a second, or a few
+        # seconds while a new MLflow store is created.
+        from optuna.storages.journal import JournalFileOpenLock
+
+        path = journal_path(self.url)
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = JournalFileOpenLock(f"{path}.study-{self.key & 0xFFFFFFFF:08x}", grace_period=60)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     @contextlib.contextmanager
     def _db_lock(self) -> Iterator[None]:
