@@ -24,7 +24,7 @@ methods, not a base class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -117,7 +117,3 @@ def as_grid(n: int) -> tuple[int, int]:
         raise ValueError(f"{n} tokens do not form a square grid")
     return g, g
 
-
-JobFn = Any
-ConfigMapping = Mapping[str, Any]
-IntSeq = Sequence[int]

@@ -16,12 +16,11 @@ from __future__ import annotations
 from arforge.errors import ArforgeError
 
 import difflib
-import importlib
 import inspect
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 ENTRY_POINT_GROUP = "arforge.plugins"
 
@@ -246,20 +245,3 @@ def load_plugins() -> Registry:
     reg = registry()
     reg.load_entry_points()
     return reg
-
-
-def build(kind: str, name: str, /, **kwargs: Any) -> Any:
-    """Look up ``kind.name`` and call it with ``kwargs`` (plugin-by-name construction)."""
-    return get(kind, name)(**kwargs)
-
-
-def import_object(path: str) -> Any:
-    """Import ``"module:attr"``."""
-    module, _, attr = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split(".") if attr else []:
-        obj = getattr(obj, part)
-    return obj
-
-
-Factory = Callable[..., Any]
