@@ -57,10 +57,18 @@ def test_changing_a_token_never_changes_earlier_logits(family):
 
 
 # ---------------------------------------------------------- cached decoding
+def _rows(batch: int, cfg: bool):
+    """The model decodes rows; with CFG, arforge.guidance lays them out as [cond; uncond]."""
+    from arforge.guidance import ConstantCFG, GuidedBatch
+
+    return GuidedBatch(ConstantCFG(scale=2.0) if cfg else None, batch=batch)
+
+
 def _decode_teacher(m: ARModel, toks: torch.Tensor, labels: torch.Tensor, cfg: bool, record: bool = False):
     B, L, K = toks.shape
-    lab = m.guided_labels(labels) if cfg else labels
-    m.setup_caches(batch=B, cfg=cfg)
+    rows = _rows(B, cfg)
+    lab = rows.labels(labels, null_class=m.null_class)
+    m.setup_caches(batch=rows.rows)
     logits = [[None] * L for _ in range(K)]
     infos = []
     prev = None
@@ -69,10 +77,10 @@ def _decode_teacher(m: ARModel, toks: torch.Tensor, labels: torch.Tensor, cfg: b
             assert lg.dtype == torch.float32 and lg.shape == ((2 * B if cfg else B), m.vocab_sizes[k])
             logits[k][info.n] = lg
             if k == 0:
-                infos.append(info)
-            return toks[:, info.n, k]
+                infos.append(rows.info(info))
+            return rows.tokens(toks[:, info.n, k])
         prev = m.decode_step(n, prev, lab, choose, record_cls_attention=record)
-        assert torch.equal(prev, toks[:, n])
+        assert torch.equal(rows.conditional(prev), toks[:, n])
     return [torch.stack(lk, dim=1) for lk in logits], infos
 
 
@@ -82,7 +90,8 @@ def test_cached_decoding_equals_full_forward(family, cfg):
     m = _model(family)
     toks, labels = _tokens(m, 2), torch.tensor([3, 7])
     stepped, infos = _decode_teacher(m, toks, labels, cfg)
-    ref = m.logits_full(torch.cat([toks, toks]) if cfg else toks, m.guided_labels(labels) if cfg else labels)
+    rows = _rows(2, cfg)
+    ref = m.logits_full(rows.tokens(toks), rows.labels(labels, null_class=m.null_class))
     for k in range(m.num_subtokens):
         assert torch.allclose(stepped[k], ref[k], atol=1e-5, rtol=0), (k, (stepped[k] - ref[k]).abs().max())
     assert [i.n for i in infos] == list(range(m.block_size)) and infos[0].L == m.block_size
@@ -105,7 +114,7 @@ def test_decode_records_class_attention_of_the_conditional_half():
 def test_caches_are_allocated_once_and_reused(family):
     m = _model(family)
     toks, labels = _tokens(m, 2), torch.tensor([3, 7])
-    m.setup_caches(batch=2, cfg=True)
+    m.setup_caches(batch=4)  # 2 images under CFG
     before = {k: v.data_ptr() for k, v in m.cache_tensors().items()}
     assert any(k.startswith("backbone.") for k in before)
     if family != "llamagen":
@@ -113,7 +122,7 @@ def test_caches_are_allocated_once_and_reused(family):
     _decode_teacher(m, toks, labels, cfg=True)  # calls setup_caches again with the same sizes
     after = {k: v.data_ptr() for k, v in m.cache_tensors().items()}
     assert after == before
-    m.setup_caches(batch=3, cfg=False)  # other sizes: new buffers
+    m.setup_caches(batch=3)  # other sizes: new buffers
     assert {k: v.data_ptr() for k, v in m.cache_tensors().items()} != before
     first = next(v for k, v in m.cache_tensors().items() if k.startswith("backbone."))
     assert first.shape[0] == 3 and first.shape[2] == find_multiple(1 + m.block_size, 8)  # docs/llamagen.md#kv-cache S_max
@@ -125,13 +134,14 @@ def test_decode_step_rejects_bad_inputs():
     m = _model("open_magvit2")
     with pytest.raises(RuntimeError, match="setup_caches"):
         m.decode_step(0, None, torch.tensor([1]), lambda k, lg, i: lg.argmax(-1))
-    m.setup_caches(batch=2, cfg=True)
+    m.setup_caches(batch=4)
+    lab = _rows(2, True).labels(torch.tensor([1, 2]), null_class=m.null_class)  # (4,)
     with pytest.raises(ValueError, match=r"labels must be \(4,\)"):
         m.decode_step(0, None, torch.tensor([1, 2]), lambda k, lg, i: lg.argmax(-1))
     with pytest.raises(ValueError, match="prev"):
-        m.decode_step(1, None, m.guided_labels(torch.tensor([1, 2])), lambda k, lg, i: lg.argmax(-1))
+        m.decode_step(1, None, lab, lambda k, lg, i: lg.argmax(-1))
     with pytest.raises(ValueError, match="choose must return"):
-        m.decode_step(0, None, m.guided_labels(torch.tensor([1, 2])), lambda k, lg, i: lg.argmax(-1))
+        m.decode_step(0, None, lab, lambda k, lg, i: lg.argmax(-1)[:2])
 
 
 # --------------------------------------------------------- shared embedding

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from arforge.ar_model import ARModel, DecodeInfo
-from arforge.generation import (GenerationError, combine_cfg, decode_tokens, filter_logits, generate,
-                                generate_no_cache, process_logits, sample_tokens, sampling_settings)
+from arforge.generation import (GenerationError, decode_tokens, filter_logits, generate, generate_no_cache,
+                                process_logits, sample_tokens, sampling_settings)
+from arforge.guidance import GuidanceError, combine_cfg
 from arforge.interfaces import SubTokenSampling
 
 FAMILIES = ("llamagen", "open_magvit2", "iar2")
@@ -40,7 +41,7 @@ def _model(family: str) -> ARModel:
 
 
 class FixedScale:
-    """A sampler with guidance forced on (or off) and one constant scale."""
+    """A guidance schedule forced on (or off) with one constant scale."""
 
     needs_cls_attention = False
 
@@ -49,9 +50,6 @@ class FixedScale:
 
     def scale(self, k, n, L, info):
         return self.s
-
-    def params(self):
-        return {}
 
 
 # ------------------------------------------------------------- slow references
@@ -137,7 +135,7 @@ def test_cfg_combine_conditional_first_and_scale_one_is_the_conditional_logits()
     got = combine_cfg(both, per)
     assert torch.equal(got[0], c[0]) and torch.allclose(got[1], u[1] + 2 * (c[1] - u[1]))
     assert torch.allclose(got[2], u[2] + 0.5 * (c[2] - u[2]))
-    with pytest.raises(GenerationError, match=r"\(3,\)"):
+    with pytest.raises(GuidanceError, match=r"\(3,\)"):
         combine_cfg(both, torch.ones(4))
     with pytest.raises(GenerationError, match="guided=False"):
         process_logits(c, cfg_scale=2.0, guided=False, sampling=SubTokenSampling())
@@ -178,7 +176,7 @@ def test_sampling_settings_per_subtoken():
 def test_seeded_generation_is_reproducible():
     m = _model("open_magvit2")
     labels = torch.tensor([0, 5, 9])
-    kw = dict(sampler=FixedScale(2.0), sampling=(SubTokenSampling(top_k=3), SubTokenSampling(top_p=0.9)))
+    kw = dict(guidance=FixedScale(2.0), sampling=(SubTokenSampling(top_k=3), SubTokenSampling(top_p=0.9)))
     a = generate(m, labels, seed=7, **kw)
     assert a.shape == (3, m.block_size, 2) and a.dtype == torch.int64
     assert (a[..., 0] < 4).all() and (a[..., 1] < 8).all()
@@ -190,12 +188,12 @@ def test_seeded_generation_is_reproducible():
 def test_guidance_with_scale_one_gives_the_unguided_tokens(family):
     m = _model(family)
     labels = torch.tensor([1, 4, 9])
-    unguided = generate(m, labels, sampler=None, seed=3)
+    unguided = generate(m, labels, guidance=None, seed=3)
     assert m.cache_tensors()["backbone.layers.0.k_cache"].shape[0] == 3
-    guided_one = generate(m, labels, sampler=FixedScale(1.0), seed=3)
+    guided_one = generate(m, labels, guidance=FixedScale(1.0), seed=3)
     assert m.cache_tensors()["backbone.layers.0.k_cache"].shape[0] == 6  # the batch really was doubled
     assert torch.equal(guided_one, unguided)
-    guided = generate(m, labels, sampler=FixedScale(4.0), seed=3)  # and guidance does matter here
+    guided = generate(m, labels, guidance=FixedScale(4.0), seed=3)  # and guidance does matter here
     assert not torch.equal(guided, unguided)
 
 
@@ -204,35 +202,35 @@ def test_cached_generation_equals_generation_without_cache(family):
     m = _model(family)
     labels = torch.tensor([2, 7])
     sampling = (SubTokenSampling(temperature=0.9, top_k=6), SubTokenSampling(top_p=0.95))[:m.num_subtokens]
-    for sampler in (FixedScale(2.5), None):
-        cached = generate(m, labels, sampler=sampler, sampling=sampling, seed=11)
-        ref = generate_no_cache(m, labels, sampler=sampler, sampling=sampling, seed=11)
-        assert torch.equal(cached, ref), sampler
+    for guidance in (FixedScale(2.5), None):
+        cached = generate(m, labels, guidance=guidance, sampling=sampling, seed=11)
+        ref = generate_no_cache(m, labels, guidance=guidance, sampling=sampling, seed=11)
+        assert torch.equal(cached, ref), guidance
 
 
 def test_num_positions_decodes_a_prefix_with_the_same_tokens():
     m = _model("iar2")
     labels = torch.tensor([3])
-    full = generate(m, labels, sampler=FixedScale(2.0), seed=1)
-    part = generate(m, labels, sampler=FixedScale(2.0), seed=1, num_positions=7)
+    full = generate(m, labels, guidance=FixedScale(2.0), seed=1)
+    part = generate(m, labels, guidance=FixedScale(2.0), seed=1, num_positions=7)
     assert part.shape == (1, 7, 2) and torch.equal(part, full[:, :7])
-    assert torch.equal(generate_no_cache(m, labels, sampler=FixedScale(2.0), seed=1, num_positions=7), part)
+    assert torch.equal(generate_no_cache(m, labels, guidance=FixedScale(2.0), seed=1, num_positions=7), part)
 
 
 def test_caches_are_allocated_once_across_calls():
     m = _model("iar2")
     labels = torch.tensor([1, 2])
-    generate(m, labels, sampler=FixedScale(2.0), seed=0)
+    generate(m, labels, guidance=FixedScale(2.0), seed=0)
     before = {k: v.data_ptr() for k, v in m.cache_tensors().items()}
-    generate(m, torch.tensor([3, 4]), sampler=FixedScale(1.5), seed=1)
+    generate(m, torch.tensor([3, 4]), guidance=FixedScale(1.5), seed=1)
     assert {k: v.data_ptr() for k, v in m.cache_tensors().items()} == before
 
 
 def test_per_sample_generators_make_a_sample_independent_of_its_batch():
     m = _model("llamagen")
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    both = generate(m, torch.tensor([1, 2]), sampler=FixedScale(2.0), generator=gens([100, 200]))
-    alone = generate(m, torch.tensor([2]), sampler=FixedScale(2.0), generator=gens([200]))
+    both = generate(m, torch.tensor([1, 2]), guidance=FixedScale(2.0), generator=gens([100, 200]))
+    alone = generate(m, torch.tensor([2]), guidance=FixedScale(2.0), generator=gens([200]))
     assert torch.equal(both[1:], alone)
 
 
@@ -249,9 +247,9 @@ def test_bad_inputs_are_clear_errors():
         needs_cls_attention = True
 
     with pytest.raises(GenerationError, match="only the cached"):
-        generate_no_cache(m, torch.tensor([1]), sampler=NeedsAttention(2.0), seed=0)
+        generate_no_cache(m, torch.tensor([1]), guidance=NeedsAttention(2.0), seed=0)
     with pytest.raises(GenerationError, match="record_cls_attention"):
-        generate(m, torch.tensor([1]), sampler=NeedsAttention(2.0), seed=0, record_cls_attention=False)
+        generate(m, torch.tensor([1]), guidance=NeedsAttention(2.0), seed=0, record_cls_attention=False)
     m.train()
     try:
         with pytest.raises(GenerationError, match="eval"):
@@ -260,7 +258,7 @@ def test_bad_inputs_are_clear_errors():
         m.eval()
 
 
-def test_guidance_is_decided_once_from_the_sampler():
+def test_guidance_is_decided_once_from_the_schedule():
     m = _model("llamagen")
     seen: list[tuple[int, int]] = []
 
@@ -270,12 +268,12 @@ def test_guidance_is_decided_once_from_the_sampler():
             assert isinstance(info, DecodeInfo) and info.L == 16
             return 1.0 if n > 3 else 2.0  # guidance ends early: the batch stays doubled
 
-    generate(m, torch.tensor([1, 2]), sampler=Recording(2.0), seed=0)
+    generate(m, torch.tensor([1, 2]), guidance=Recording(2.0), seed=0)
     assert seen == [(0, n) for n in range(16)]
     assert m.cache_tensors()["backbone.layers.0.k_cache"].shape[0] == 4
     seen.clear()
-    generate(m, torch.tensor([1, 2]), sampler=Recording(2.0, guided=False), seed=0)
-    assert seen == []  # unguided: the sampler is never asked
+    generate(m, torch.tensor([1, 2]), guidance=Recording(2.0, guided=False), seed=0)
+    assert seen == []  # unguided: the schedule is never asked
 
 
 # ------------------------------------------------------------------- decoding

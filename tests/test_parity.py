@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from arforge import launch
 from arforge.checkpoint import CheckpointError
-from arforge.generation import combine_cfg
+from arforge.guidance import GuidedBatch, combine_cfg
 from arforge.keymap import KeyMapError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,13 +61,13 @@ def fixture(family: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def build(family: str, extra: tuple[str, ...] = ()):
-    """The modules and sampler of the family's ``official_sample.gin``, at the fixture's scale."""
+    """The modules and guidance of the family's ``official_sample.gin``, at the fixture's scale."""
     meta, _ = fixture(family)
     launch.parse(REPO / f"experiments/{family}/official_sample.gin", [*meta["bindings"], *extra])
     model = gin.query_parameter("%MODEL").scoped_configurable_fn().eval()
     tokenizer = gin.query_parameter("%TOKENIZER").scoped_configurable_fn().eval()
-    sampler = gin.query_parameter("jobs.sample.sampler").scoped_configurable_fn()
-    return model, tokenizer, sampler
+    guidance = gin.query_parameter("jobs.sample.guidance").scoped_configurable_fn()
+    return model, tokenizer, guidance
 
 
 def loader(name: str):
@@ -144,24 +144,27 @@ def test_teacher_forced_logits_match_upstream(family, entry):
 def test_cached_decode_logits_and_top1_tokens_match_upstream_sampler(family):
     """The KV-cached decode path with CFG, step by step, against the logits upstream's own sampler combined."""
     _, out = fixture(family)
-    model, _, sampler = build(family)
+    model, _, guidance = build(family)
     load_model(family, raw_entries(family, "model_files")[0], model)
     tokens = fixture_subtokens(family, "sample.tokens")  # (B, L, K)
     labels = out["sample.labels"]
     B, L, K = tokens.shape
     combined = [[None] * L for _ in range(K)]
 
-    def choose(k, logits, info):
-        c = combine_cfg(logits, sampler.scale(k, info.n, info.L, info))  # (B, V_k)
-        combined[k][info.n] = c
-        return tokens[:, info.n, k]  # teacher-forced through the caches: one divergence can't hide the rest
+    rows = GuidedBatch(guidance, batch=B)
+    assert rows.guided
 
-    model.setup_caches(batch=B, cfg=True)
-    lab = model.guided_labels(labels)
+    def choose(k, logits, info):
+        c = combine_cfg(logits, rows.scale(k, rows.info(info)))  # (B, V_k)
+        combined[k][info.n] = c
+        return rows.tokens(tokens[:, info.n, k])  # teacher-forced through the caches: one divergence can't hide the rest
+
+    model.setup_caches(batch=rows.rows)
+    lab = rows.labels(labels, null_class=model.null_class)
     prev = None
     with torch.no_grad():
         for n in range(L):
-            prev = model.decode_step(n, prev, lab, choose, record_cls_attention=sampler.needs_cls_attention)
+            prev = model.decode_step(n, prev, lab, choose, record_cls_attention=guidance.needs_cls_attention)
     keep = positions(family, L)
     for k, name in enumerate(SUBTOKENS[family]):
         got = torch.stack(combined[k], dim=1)  # (B, L, V_k)

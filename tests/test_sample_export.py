@@ -27,11 +27,15 @@ class FakeTracker:
 
     def __init__(self) -> None:
         self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
         self.metrics: dict[str, float] = {}
         self.images: dict[str, Any] = {}
 
     def log_params(self, params):
         self.params.update(params)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
     def log_metrics(self, metrics, step=None):
         self.metrics.update(metrics)
@@ -60,8 +64,8 @@ def _llamagen_pair():
     return model.eval(), tokenizer.eval()
 
 
-def _sampler():
-    from arforge_plugins.guidance.cfg import ConstantCFG
+def _guidance():
+    from arforge.guidance import ConstantCFG
 
     return ConstantCFG(scale=2.0)
 
@@ -72,7 +76,7 @@ def _run(out: Path, tracker=None, **kw) -> dict:
         if kw.get(checkpoint) is None:  # weights set here in Python: declared, as jobs.sample requires
             mark_loaded(module, "set by the test")
     ctx = local_context(out, tracker=tracker or FakeTracker(), seed=SEED)
-    args = dict(model=model, tokenizer=tokenizer, sampler=_sampler(), samples_per_class=N, batch_size=4,
+    args = dict(model=model, tokenizer=tokenizer, guidance=_guidance(), samples_per_class=N, batch_size=4,
                 top_k=8, progress=False)
     args.update(kw)
     return sample_images(ctx, **args)
@@ -81,7 +85,7 @@ def _run(out: Path, tracker=None, **kw) -> dict:
 def _reference_sample(model, tokenizer, index: int) -> np.ndarray:
     """Sample ``index`` decoded on its own from its own seed."""
     gen = [torch.Generator().manual_seed(sample_seed(SEED, index))]
-    sub = generate(model, torch.tensor([index // N]), sampler=_sampler(), sampling=_settings(),
+    sub = generate(model, torch.tensor([index // N]), guidance=_guidance(), sampling=_settings(),
                    generator=gen)
     return to_uint8(decode_tokens(tokenizer, model.factorization, sub))[0]
 
@@ -113,7 +117,9 @@ def test_exactly_n_per_class_in_a_seeded_order_with_per_sample_content(tmp_path)
     # the grid: one row per class, N columns (8 px cells upscaled to 64 and 2 px padding)
     grid = tracker.images["samples/grid.png"]
     assert grid.size == (N * 66 + 2, C * 66 + 2)
-    assert tracker.params["cfg.scale"] == 2.0 and tracker.params["sample.top_k"] == 8
+    assert tracker.params["guidance.cfg_constant.scale"] == "2.0" and tracker.params["sample.top_k"] == 8
+    assert not any(k.startswith("cfg.") for k in tracker.params)  # one name per setting: its gin binding
+    assert tracker.tags["sample.guidance"] == "ConstantCFG(scale=2.0)"
     assert tracker.params["sample.samples_per_class"] == N and tracker.params["sample.seed"] == SEED
     assert tracker.metrics["sample/images_per_s"] > 0 and tracker.metrics["sample/tokens_per_s"] > 0
 
@@ -130,14 +136,14 @@ def test_resize_to_eval_size_and_explicit_output(tmp_path):
 def test_iar2_with_adaptive_cfg_and_two_subtokens(tmp_path):
     from arforge_plugins.models import ar_presets
     from arforge_plugins.tokenizers import llamagen_vq
-    from arforge_plugins.guidance.cfg import AdaptiveAttentionCFG
+    from arforge.guidance import AdaptiveAttentionCFG
     from arforge_plugins.quantizers.semantic_detail_quantization import SemanticDetailQuantizer
 
     torch.manual_seed(0)
     model = ar_presets.iar2_gpt("tiny", semantic_size=8, detail_size=16, block_size=16, num_classes=2).eval()
     tok = llamagen_vq.llamagen_vq_tokenizer(
         preset="tiny", quantizer=SemanticDetailQuantizer(semantic_codebook_size=8, detail_codebook_size=16, dim=8))
-    res = _run(tmp_path, pair=(model, tok.eval()), sampler=AdaptiveAttentionCFG(), samples_per_class=2,
+    res = _run(tmp_path, pair=(model, tok.eval()), guidance=AdaptiveAttentionCFG(), samples_per_class=2,
                temperature=(1.0, 0.9))
     with np.load(res["path"]) as f:
         assert f["arr_0"].shape == (4, 8, 8, 3) and np.bincount(f["arr_1"]).tolist() == [2, 2]

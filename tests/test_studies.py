@@ -163,8 +163,8 @@ def test_study_file_parses_without_its_launch_file_and_checks_the_space(tmp_path
         study.launch_file = "does/not/exist/yet.gin"
         study.objective = "fid"
         study.space = {
-            "samplers.cfg_constant.scale[0]": @pre/space.float(),
-            "samplers.cfg_constant.scale[1]": @post/space.float(),
+            "guidance.cfg_constant.scale[0]": @pre/space.float(),
+            "guidance.cfg_constant.scale[1]": @post/space.float(),
             "launch.job": @space.categorical(),
         }
         pre/space.float.low = 1.0
@@ -176,10 +176,10 @@ def test_study_file_parses_without_its_launch_file_and_checks_the_space(tmp_path
     cfg = studies.load_study_config(f)
     assert cfg.study_name == "s" and cfg.experiment == "s" and cfg.n_trials == 20
     # Tuple elements are assembled into one binding; '@' choices are references.
-    binds = studies.space_bindings(cfg.space, {"samplers.cfg_constant.scale[0]": 1.5,
-                                               "samplers.cfg_constant.scale[1]": 2.25,
+    binds = studies.space_bindings(cfg.space, {"guidance.cfg_constant.scale[0]": 1.5,
+                                               "guidance.cfg_constant.scale[1]": 2.25,
                                                "launch.job": "@jobs.studyquad"})
-    assert binds == {"samplers.cfg_constant.scale": "(1.5, 2.25)", "launch.job": "@jobs.studyquad"}
+    assert binds == {"guidance.cfg_constant.scale": "(1.5, 2.25)", "launch.job": "@jobs.studyquad"}
     assert studies.space_bindings(cfg.space, {**dict.fromkeys(cfg.space, 1.0), "launch.job": "plain"}
                                   )["launch.job"] == "'plain'"
     with pytest.raises(ConfigError, match="does not exist"):

@@ -6,7 +6,7 @@ docs/llamagen.md#kv-cache. Models have random weights (docs/llamagen.md#llama-ba
 the speed does not depend on them. Per model:
 
 * **cached** -- :func:`arforge.generation.generate` (caches allocated once), with the
-  family's CFG sampler (LlamaGen constant 2.0, Open-MAGVIT2 (1.9, 2.0), IAR2 adaptive
+  family's CFG schedule (LlamaGen constant 2.0, Open-MAGVIT2 (1.9, 2.0), IAR2 adaptive
   attention-guided 1.75 -> 3.0, w_attn 0.05: docs/llamagen.md#sampling-defaults). Each decode step is split into the
   backbone step, the head's sub-steps (sub-step k runs up to the logits of sub-token k)
   and the logit processing + sampling of each sub-token. ``--steps N`` decodes only the
@@ -51,11 +51,11 @@ import torch
 
 from arforge.ar_model import ARModel, DecodeInfo
 from arforge.generation import generate, no_cache_step, process_logits, sampling_settings
+from arforge.guidance import AdaptiveAttentionCFG, ConstantCFG, GuidedBatch
 from arforge_plugins.models import ar_presets
-from arforge_plugins.guidance.cfg import AdaptiveAttentionCFG, ConstantCFG
 
 FAMILIES = {
-    # name: (builder, default sampler, sampler without class attention)
+    # name: (builder, default guidance, guidance without class attention)
     "llamagen": (ar_presets.llamagen_gpt, lambda: ConstantCFG(scale=2.0), lambda: ConstantCFG(scale=2.0)),
     "open_magvit2": (ar_presets.open_magvit2_ar, lambda: ConstantCFG(scale=(1.9, 2.0)),
                      lambda: ConstantCFG(scale=(1.9, 2.0))),
@@ -71,7 +71,7 @@ class Result:
     K: int
     batch: int
     path: str
-    sampler: str
+    guidance: str
     positions_timed: int
     how: str  #: measured | extrap | interp
     seconds_per_batch: float
@@ -151,18 +151,18 @@ class StepTimer:
             del obj.__dict__[attr]
 
 
-def bench_cached(model: ARModel, name: str, sampler, batch: int, steps: int | None,
+def bench_cached(model: ARModel, name: str, guidance, batch: int, steps: int | None,
                  device: torch.device) -> Result:
     L = model.block_size
     n_pos = L if steps is None else min(steps, L)
     labels = torch.arange(batch, device=device) % 1000
     settings = sampling_settings(model.num_subtokens)
-    generate(model, labels, sampler=sampler, sampling=settings, seed=0, num_positions=min(2, L))  # warm-up
+    generate(model, labels, guidance=guidance, sampling=settings, seed=0, num_positions=min(2, L))  # warm-up
     timer = StepTimer(model, device)
     try:
         _sync(device)
         t0 = time.perf_counter()
-        generate(model, labels, sampler=sampler, sampling=settings, seed=0, num_positions=n_pos)
+        generate(model, labels, guidance=guidance, sampling=settings, seed=0, num_positions=n_pos)
         _sync(device)
         wall = time.perf_counter() - t0
     finally:
@@ -174,23 +174,25 @@ def bench_cached(model: ARModel, name: str, sampler, batch: int, steps: int | No
     per_step = wall / n_pos if n_pos == L else median_ms["step"] / 1000
     total = wall if n_pos == L else per_step * L
     return Result(model=name, params_m=model.num_params() / 1e6, L=L, K=model.num_subtokens, batch=batch,
-                  path="kv cache", sampler=type(sampler).__name__, positions_timed=n_pos,
+                  path="kv cache", guidance=type(guidance).__name__, positions_timed=n_pos,
                   how="measured" if n_pos == L else "extrap", seconds_per_batch=total,
                   images_per_s=batch / total, tokens_per_s=batch * L / total, ms_per_step=1000 * per_step,
                   breakdown_ms=median_ms)
 
 
-def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: int, full: bool,
+def bench_no_cache(model: ARModel, name: str, guidance, batch: int, positions: int, full: bool,
                    device: torch.device, repeat: int = 1) -> Result:
     L, K = model.block_size, model.num_subtokens
     labels = torch.arange(batch, device=device) % 1000
-    labels_c = model.guided_labels(labels)
+    rows = GuidedBatch(guidance, batch=batch)
+    labels_c = rows.labels(labels, null_class=model.null_class)
     settings = sampling_settings(K)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def choose(k: int, logits: torch.Tensor, info: DecodeInfo) -> torch.Tensor:
-        return process_logits(logits, cfg_scale=sampler.scale(k, info.n, info.L, info), guided=True,
-                              sampling=settings[k], generator=gen)
+        tok = process_logits(logits, cfg_scale=rows.scale(k, rows.info(info)), guided=rows.guided,
+                             sampling=settings[k], generator=gen)
+        return rows.tokens(tok)
 
     g = torch.Generator().manual_seed(1)
     tokens = torch.stack([torch.randint(0, v, (batch, L), generator=g) for v in model.vocab_sizes], -1).to(device)
@@ -198,7 +200,7 @@ def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: in
     def step(n: int) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        no_cache_step(model, tokens, labels_c, n, choose, guided=True)
+        no_cache_step(model, tokens, labels_c, n, choose, batch=rows)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -212,7 +214,7 @@ def bench_no_cache(model: ARModel, name: str, sampler, batch: int, positions: in
         total = float(np.interp(np.arange(L), at, times).sum())  # piecewise linear in the position
         timed, how = len(at), "interp"
     return Result(model=name, params_m=model.num_params() / 1e6, L=L, K=K, batch=batch, path="no cache",
-                  sampler=type(sampler).__name__, positions_timed=timed, how=how, seconds_per_batch=total,
+                  guidance=type(guidance).__name__, positions_timed=timed, how=how, seconds_per_batch=total,
                   images_per_s=batch / total, tokens_per_s=batch * L / total, ms_per_step=1000 * total / L,
                   breakdown_ms={} if full else {f"pos{n}": 1000 * t for n, t in zip(at, times)})
 
@@ -278,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         t0 = time.perf_counter()
         model, family = build(name, dtype, device)
-        _, cached_sampler, plain_sampler = FAMILIES[family]
+        _, cached_guidance, plain_guidance = FAMILIES[family]
         with torch.no_grad():
-            results.append(bench_cached(model, name, cached_sampler(), args.batch, args.steps, device))
+            results.append(bench_cached(model, name, cached_guidance(), args.batch, args.steps, device))
             print(_table(results[-1:]).splitlines()[-1], flush=True)
             if args.no_cache_positions > 0 or args.no_cache_full:
-                results.append(bench_no_cache(model, name, plain_sampler(), args.batch, args.no_cache_positions,
+                results.append(bench_no_cache(model, name, plain_guidance(), args.batch, args.no_cache_positions,
                                               args.no_cache_full, device, args.repeat))
                 print(_table(results[-1:]).splitlines()[-1], flush=True)
         model.release_caches()

@@ -21,24 +21,27 @@ Training
     Σ_k w_k·CE_k (docs/iar.md#cluster-oriented-loss), plus λ·CE(cluster) when the model was built with
     ``cluster_size`` (IAR). Parts hold the unweighted terms.
 
-Generation (what the samplers build on)
----------------------------------------
-``setup_caches(*, batch, cfg, dtype=None, device=None)``
-    Allocates every cache once: the backbone KV caches at (Bc, H_kv, S_max, hd)
-    with Bc = 2·batch when ``cfg`` else batch and S_max = find_multiple(1 + L, 8)
-    (docs/llamagen.md#kv-cache), plus each head's own caches (sized to its number of slots) and IAR2's
-    window history. Calling it again with the same sizes keeps the buffers.
-``decode_step(n, prev, labels, choose, *, record_cls_attention=False) -> (B, K)``
-    Decodes position n (0 … L-1), feeding positions in order from 0.
-    ``labels`` (Bc,) are [y; null] with CFG (``guided_labels``), else y.
-    ``prev`` (B, K) holds token n-1 (``None`` at n = 0, where the input is the
-    class embedding). For each sub-token k the head calls
-    ``choose(k, logits, info) -> (B,) int64`` with ``logits`` (Bc, V_k) fp32 in
-    the [cond; uncond] layout (docs/llamagen.md#cfg-batch-layout) and ``info`` a :class:`DecodeInfo` (n, L and,
-    with ``record_cls_attention``, ``attn_cls`` (B,): the last backbone layer's
-    head-averaged attention to the class token from the conditional half,
-    docs/iar2.md#sampling). The model duplicates the chosen tokens for both halves. Nothing is
-    allocated in the caches per step. Call it in eval mode, under no_grad.
+Generation (what :mod:`arforge.generation` builds on)
+-----------------------------------------------------
+The model decodes *rows*: one per label it is given. It knows nothing of guidance;
+:class:`arforge.guidance.GuidedBatch` chooses the rows (B, or [y; null] = 2B with CFG,
+docs/llamagen.md#cfg-batch-layout), writes each chosen token into both halves and reads the
+conditional half back.
+
+``setup_caches(*, batch, dtype=None, device=None)``
+    Allocates every cache once for ``batch`` rows: the backbone KV caches at
+    (rows, H_kv, S_max, hd) with S_max = find_multiple(1 + L, 8) (docs/llamagen.md#kv-cache),
+    plus each head's own caches (sized to its number of slots) and IAR2's window history.
+    Calling it again with the same sizes keeps the buffers.
+``decode_step(n, prev, labels, choose, *, record_cls_attention=False) -> (rows, K)``
+    Decodes position n (0 … L-1), feeding positions in order from 0, for the (rows,)
+    ``labels`` (the null class allowed). ``prev`` (rows, K) holds token n-1 (``None`` at
+    n = 0, where the input is the class embedding). For each sub-token k the head calls
+    ``choose(k, logits, info) -> (rows,) int64`` with ``logits`` (rows, V_k) fp32 and
+    ``info`` a :class:`DecodeInfo` (n, L and, with ``record_cls_attention``, ``attn_cls``
+    (rows,): the last backbone layer's head-averaged attention to the class token,
+    docs/iar2.md#sampling). Nothing is allocated in the caches per step. Call it in eval
+    mode, under no_grad.
 ``logits_full(sub_tokens, labels)``
     The no-cache reference: the teacher-forced logits without label dropout.
 ``num_params()``
@@ -86,10 +89,10 @@ class DecodeInfo:
 
     n: int  #: token index being decoded, 0 … L-1
     L: int  #: tokens per image
-    attn_cls: torch.Tensor | None = None  #: (B,) attention to the class key (cond half), when recorded
+    attn_cls: torch.Tensor | None = None  #: (rows,) attention to the class key, when recorded
 
 
-#: choose(k, logits (Bc, V_k) fp32, info) -> chosen sub-token k, (B,) int64
+#: choose(k, logits (rows, V_k) fp32, info) -> chosen sub-token k, (rows,) int64
 ChooseFn = Callable[[int, torch.Tensor, DecodeInfo], torch.Tensor]
 
 
@@ -161,14 +164,9 @@ def subtoken_loss(logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor, *,
 # ======================================================================= model
 @dataclass(frozen=True)
 class _DecodeState:
-    batch: int
-    cfg: bool
+    rows: int
     dtype: torch.dtype
     device: torch.device
-
-    @property
-    def batch_c(self) -> int:
-        return 2 * self.batch if self.cfg else self.batch
 
 
 def _build_head(factory: Callable[..., nn.Module], *, dim: int, vocab_sizes: tuple[int, ...],
@@ -269,10 +267,6 @@ class ARModel(nn.Module):
     def null_class(self) -> int:
         return self.cls_embedding.null_class
 
-    def guided_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B,) -> (2B,) = [y; null] (docs/llamagen.md#cfg-batch-layout)."""
-        return torch.cat([labels, torch.full_like(labels, self.null_class)])
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -335,8 +329,17 @@ class ARModel(nn.Module):
     def loss(self, sub_tokens: torch.Tensor, labels: torch.Tensor,
              weights: Sequence[float] | None = None) -> LossBreakdown:
         """Σ_k w_k·CE_k (+ λ·cluster CE); ``weights`` overrides the model's ``loss_weights``."""
-        out = self(sub_tokens, labels)
-        return subtoken_loss(out.logits, sub_tokens, weights=weights if weights is not None else self.loss_weights,
+        return self.loss_from_logits(self(sub_tokens, labels).logits, sub_tokens, weights)
+
+    def loss_from_logits(self, logits: Sequence[torch.Tensor], sub_tokens: torch.Tensor,
+                         weights: Sequence[float] | None = None) -> LossBreakdown:
+        """:meth:`loss` of logits already computed by this model's forward.
+
+        A trainer runs the forward through its DDP/FSDP wrapper (gradient hooks, sharded
+        parameters) and so cannot call :meth:`loss`; it passes the wrapper's logits here, and
+        the loss stays defined once.
+        """
+        return subtoken_loss(logits, sub_tokens, weights=weights if weights is not None else self.loss_weights,
                              names=self.subtoken_names, cluster_size=self.cluster_size,
                              cluster_weight=self.cluster_loss_weight)
 
@@ -347,15 +350,15 @@ class ARModel(nn.Module):
 
     # -------------------------------------------------------------- generation
     @torch.no_grad()
-    def setup_caches(self, *, batch: int, cfg: bool, dtype: torch.dtype | None = None,
+    def setup_caches(self, *, batch: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
-        """Allocate every decoding cache once for ``batch`` images (doubled when ``cfg``)."""
+        """Allocate every decoding cache once for ``batch`` rows (2B under CFG: ``GuidedBatch.rows``)."""
         ref = next(self.parameters())
         dtype = dtype if dtype is not None else ref.dtype
         device = torch.empty(0, device=device if device is not None else ref.device).device
-        state = _DecodeState(batch=batch, cfg=bool(cfg), dtype=dtype, device=device)
-        self.backbone.setup_cache(max_batch=state.batch_c, dtype=dtype, device=device)
-        self.head.setup_cache(batch=state.batch_c, dtype=dtype, device=device)
+        state = _DecodeState(rows=int(batch), dtype=dtype, device=device)
+        self.backbone.setup_cache(max_batch=state.rows, dtype=dtype, device=device)
+        self.head.setup_cache(batch=state.rows, dtype=dtype, device=device)
         self._decode = state
 
     def release_caches(self) -> None:
@@ -373,34 +376,32 @@ class ARModel(nn.Module):
     @torch.no_grad()
     def decode_step(self, n: int, prev: torch.Tensor | None, labels: torch.Tensor, choose: ChooseFn, *,
                     record_cls_attention: bool = False) -> torch.Tensor:
-        """Decode position n; returns its sub-tokens (B, K) (see the module docstring)."""
+        """Decode position n; returns its sub-tokens (rows, K) (see the module docstring)."""
         state = self._decode
         if state is None:
-            raise RuntimeError("decode_step needs caches: call setup_caches(batch=..., cfg=..., ...) first")
-        if labels.shape != (state.batch_c,):
-            raise ValueError(f"labels must be ({state.batch_c},) for batch {state.batch} with cfg={state.cfg} "
-                             f"([cond; null] when guided), got {tuple(labels.shape)}")
+            raise RuntimeError("decode_step needs caches: call setup_caches(batch=..., ...) first")
+        rows = state.rows
+        if labels.shape != (rows,):
+            raise ValueError(f"labels must be ({rows},), one per row of setup_caches(batch={rows}), "
+                             f"got {tuple(labels.shape)}")
         L = self.block_size
         if not 0 <= n < L:
             raise ValueError(f"position {n} is outside 0 … {L - 1}")
-        b = state.batch
         if n == 0:  # labels are checked once per image batch, not at every position
             self._check_labels(labels)
-            x = self.cls_embedding(labels, train=False)  # (Bc, 1, D)
+            x = self.cls_embedding(labels, train=False)  # (rows, 1, D)
         else:
-            if prev is None or prev.shape != (b, self.num_subtokens):
-                raise ValueError(f"prev must be the (B, K) = ({b}, {self.num_subtokens}) sub-tokens of position "
-                                 f"{n - 1}, got {None if prev is None else tuple(prev.shape)}")
-            e = self.embedder(prev[:, None, :])  # (B, 1, D)
-            x = torch.cat([e, e]) if state.cfg else e  # (Bc, 1, D): both halves see the same image tokens
+            if prev is None or prev.shape != (rows, self.num_subtokens):
+                raise ValueError(f"prev must be the (rows, K) = ({rows}, {self.num_subtokens}) sub-tokens of "
+                                 f"position {n - 1}, got {None if prev is None else tuple(prev.shape)}")
+            x = self.embedder(prev[:, None, :])  # (rows, 1, D)
         step = self.backbone.step(x.to(state.dtype), n, return_cls_attn=record_cls_attention)
-        attn = step.attn_cls[:b] if step.attn_cls is not None else None  # conditional half
-        info = DecodeInfo(n=n, L=L, attn_cls=attn)
+        info = DecodeInfo(n=n, L=L, attn_cls=step.attn_cls)
 
         def head_choose(k: int, logits: torch.Tensor) -> torch.Tensor:
             tok = choose(k, logits, info)
-            if tok.shape != (b,):
-                raise ValueError(f"choose must return ({b},) sub-tokens, got {tuple(tok.shape)}")
-            return torch.cat([tok, tok]) if state.cfg else tok  # (Bc,)
+            if tok.shape != (rows,):
+                raise ValueError(f"choose must return ({rows},) sub-tokens, got {tuple(tok.shape)}")
+            return tok
 
-        return self.head.decode_position(step.hidden, n, head_choose)[:b]  # (B, K)
+        return self.head.decode_position(step.hidden, n, head_choose)  # (rows, K)

@@ -2,9 +2,9 @@
 
 See docs/llamagen.md#sampling (and its KV-cache and sampling-defaults sections). One loop
 serves the three families: it drives :meth:`arforge.ar_model.ARModel.decode_step`
-position by position and, for each sub-token, asks a *sampler* (a CFG schedule,
-``plugins/arforge_plugins/guidance/cfg.py``) for the guidance scale and applies
-:func:`process_logits`.
+position by position over the rows that :class:`arforge.guidance.GuidedBatch` lays out
+and, for each sub-token, asks the *guidance* schedule (:mod:`arforge.guidance`) for the
+scale and applies :func:`process_logits`.
 
 Logit processing (docs/llamagen.md#logit-processing), per sub-token and in this order
     1. CFG combine on raw logits, ℓ = ℓ_u + s·(ℓ_c − ℓ_u), with the
@@ -17,17 +17,17 @@ Logit processing (docs/llamagen.md#logit-processing), per sub-token and in this 
        mark right by one (the top token and the first token crossing p stay);
     5. softmax, then one multinomial draw per row (or the argmax when greedy).
 
-Guidance is decided once per :func:`generate` call (``sampler.guided``, docs/llamagen.md#cfg-batch-layout):
+Guidance is decided once per :func:`generate` call (``guidance.guided``, docs/llamagen.md#cfg-batch-layout):
 when it is on, the batch is doubled for every position and sub-token, and a
 sub-token whose scale is 1 simply gets ℓ_c. The random numbers consumed do
 not depend on guidance (one draw of B rows per sub-token either way), so with
 every scale at 1 a guided run gives the tokens of an unguided one.
 
-``cfg_interval`` (LlamaGen, docs/llamagen.md#sampling): once a sampler's guidance has ended, the
+``cfg_interval`` (LlamaGen, docs/llamagen.md#sampling): once a schedule's guidance has ended, the
 combine is skipped (the scale is 1, so ℓ_c is used), but the unconditional
-half is still computed: :class:`~arforge.ar_model.ARModel` fixes the batch
-layout, its caches and the IAR2 window history at ``setup_caches``, and has no
-way to drop one half in the middle of a sequence. Upstream behaves the same.
+half is still computed: the rows, the caches and the IAR2 window history are
+fixed at ``setup_caches``, and a sequence cannot drop one half in its middle.
+Upstream behaves the same.
 
 Random streams
     ``seed`` gives one ``torch.Generator`` on the model's device for the whole
@@ -41,7 +41,7 @@ Random streams
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +49,11 @@ import torch.nn.functional as F
 from arforge.device import at_least_fp32
 from arforge.ar_model import ARModel, DecodeInfo
 from arforge.errors import ArforgeError
+from arforge.guidance import Guidance, GuidedBatch, combine_cfg
 from arforge.interfaces import SubTokenSampling, as_grid
 
 __all__ = [
     "GenerationError",
-    "CFGSampler",
-    "NoGuidance",
-    "combine_cfg",
     "filter_logits",
     "sample_tokens",
     "process_logits",
@@ -70,62 +68,10 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class GenerationError(ArforgeError, ValueError):
-    """A user-facing generation problem (bad settings, a sampler that cannot run here)."""
-
-
-@runtime_checkable
-class CFGSampler(Protocol):
-    """A guidance schedule (``samplers.*`` plugins).
-
-    ``guided`` is decided from the settings alone (any scale ≠ 1 at any step);
-    ``scale(k, n, L, info)`` returns the scale of sub-token k at position n as a
-    float or a (B,) tensor (per sample); ``needs_cls_attention`` asks the model to
-    record the class-token attention into ``info.attn_cls`` (IAR2, docs/iar2.md#sampling);
-    ``params()`` is a flat dict for MLflow.
-    """
-
-    guided: bool
-    needs_cls_attention: bool
-
-    def scale(self, k: int, n: int, L: int, info: DecodeInfo) -> float | torch.Tensor: ...
-    def params(self) -> dict[str, Any]: ...
-
-
-class NoGuidance:
-    """Unguided sampling: ℓ = ℓ_c, the batch is not doubled."""
-
-    guided = False
-    needs_cls_attention = False
-
-    def scale(self, k: int, n: int, L: int, info: DecodeInfo) -> float:
-        return 1.0
-
-    def params(self) -> dict[str, Any]:
-        return {"cfg.sampler": "none"}
+    """A user-facing generation problem (bad settings, a guidance schedule that cannot run here)."""
 
 
 # ================================================================ docs/llamagen.md#logit-processing logits
-def combine_cfg(logits: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """(2B, V) [cond; uncond] -> (B, V): ℓ_u + s·(ℓ_c − ℓ_u), and exactly ℓ_c where s = 1.
-
-    ``scale`` is a number or a (B,) tensor (per-sample scales, IAR2's adaptive CFG).
-    """
-    if logits.dim() != 2 or logits.shape[0] % 2:
-        raise GenerationError(f"guided logits must be (2B, V) in the [conditional; unconditional] layout "
-                              f"(docs/llamagen.md#cfg-batch-layout), got {tuple(logits.shape)}")
-    cond, uncond = logits.chunk(2)  # (B, V) each: conditional half first
-    if not isinstance(scale, torch.Tensor):
-        s = float(scale)
-        return cond if s == 1.0 else uncond + s * (cond - uncond)
-    s = scale.to(device=logits.device, dtype=logits.dtype)
-    if s.dim() == 0:
-        s = s.expand(cond.shape[0])
-    if s.shape != (cond.shape[0],):
-        raise GenerationError(f"a per-sample CFG scale must have shape ({cond.shape[0]},), got {tuple(scale.shape)}")
-    s = s[:, None]  # (B, 1)
-    return torch.where(s == 1, cond, uncond + s * (cond - uncond))
-
-
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p (docs/llamagen.md#logit-processing steps 2–4) on (B, V) logits; returns a new tensor."""
@@ -167,10 +113,10 @@ def sample_tokens(logits: torch.Tensor, generator: Generators = None) -> torch.T
 
 def process_logits(logits: torch.Tensor, *, cfg_scale: float | torch.Tensor = 1.0, guided: bool,
                    sampling: SubTokenSampling, generator: Generators = None) -> torch.Tensor:
-    """docs/llamagen.md#logit-processing for one sub-token: (Bc, V) fp32 logits -> (B,) int64 tokens.
+    """docs/llamagen.md#logit-processing for one sub-token: (rows, V) fp32 logits -> (B,) int64 tokens.
 
     With ``guided`` the logits are (2B, V) [cond; uncond] and are combined with
-    ``cfg_scale`` (a number or a (B,) tensor); without it they are (B, V) and the
+    ``cfg_scale`` (a number or a (B,) tensor) by :func:`arforge.guidance.combine_cfg`; without it they are (B, V) and the
     scale must be 1. Greedy sampling takes the argmax of the combined logits
     (temperature, top-k and top-p cannot change it) and draws no random numbers.
     """
@@ -224,13 +170,12 @@ def sampling_settings(num_subtokens: int, sampling: SubTokenSampling | Sequence[
 
 
 # ============================================================ the decode loop
-def _setup(model: ARModel, labels: torch.Tensor, sampler: CFGSampler | None,
+def _setup(model: ARModel, labels: torch.Tensor, guidance: Guidance | None,
            sampling: SubTokenSampling | Sequence[SubTokenSampling], seed: int | None, generator: Generators,
            num_positions: int | None):
     if model.training:
         raise GenerationError("generate needs the model in eval mode (dropout and label dropout are active in "
                               "train mode): call model.eval() first")
-    sampler = sampler if sampler is not None else NoGuidance()
     device = next(model.parameters()).device
     if labels.dim() != 1:
         raise GenerationError(f"labels must be (B,) class indices, got shape {tuple(labels.shape)}")
@@ -255,13 +200,16 @@ def _setup(model: ARModel, labels: torch.Tensor, sampler: CFGSampler | None,
         generator = list(generator)
         if len(generator) != B:
             raise GenerationError(f"{len(generator)} per-sample generators for {B} labels")
-    guided = bool(sampler.guided)
+    batch = GuidedBatch(guidance, batch=B)  # decides guidance once for the call
 
-    def choose_with(k: int, logits: torch.Tensor, info: DecodeInfo) -> torch.Tensor:
-        scale = sampler.scale(k, info.n, info.L, info) if guided else 1.0
-        return process_logits(logits, cfg_scale=scale, guided=guided, sampling=settings[k], generator=generator)
+    def choose(k: int, logits: torch.Tensor, info: DecodeInfo) -> torch.Tensor:
+        """(rows, V_k) logits -> (rows,) chosen sub-tokens, the same in both halves."""
+        scale = batch.scale(k, batch.info(info))
+        tok = process_logits(logits, cfg_scale=scale, guided=batch.guided, sampling=settings[k],
+                             generator=generator)  # (B,)
+        return batch.tokens(tok)
 
-    return sampler, labels, B, N, guided, choose_with
+    return batch, batch.labels(labels, null_class=model.null_class), N, choose
 
 
 def _positions(N: int, progress: bool, desc: str):
@@ -273,7 +221,7 @@ def _positions(N: int, progress: bool, desc: str):
 
 
 @torch.no_grad()
-def generate(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None = None,
+def generate(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None = None,
              sampling: SubTokenSampling | Sequence[SubTokenSampling] = SubTokenSampling(),
              seed: int | None = None, generator: Generators = None, record_cls_attention: bool | str = "auto",
              num_positions: int | None = None, dtype: torch.dtype | None = None,
@@ -283,13 +231,13 @@ def generate(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None
     Args:
         model: an :class:`ARModel` in eval mode.
         labels: (B,) class indices.
-        sampler: the guidance schedule (None: unguided). Whether guidance is on is
-            read once from ``sampler.guided``; the caches are then sized for 2B.
+        guidance: the CFG schedule (:mod:`arforge.guidance`; None: unguided). Whether guidance
+            is on is read once from ``guidance.guided``; the caches are then sized for 2B rows.
         sampling: one :class:`SubTokenSampling` per sub-token (or one for all).
         seed: seeds one generator for the batch (default 0 when no ``generator``).
         generator: a ``torch.Generator``, or B of them (one stream per sample).
-        record_cls_attention: record the class-token attention for the sampler
-            (``"auto"``: when ``sampler.needs_cls_attention``).
+        record_cls_attention: record the class-token attention for the schedule
+            (``"auto"``: when ``guidance.needs_cls_attention``).
         num_positions: decode only the first N positions (benchmarks); default L.
         dtype: cache dtype (default: the model's).
         progress: a progress bar over positions.
@@ -297,65 +245,66 @@ def generate(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None
     Returns:
         (B, N, K) int64 sub-tokens (``model.factorization.merge`` gives tokenizer ids).
     """
-    sampler, labels, B, N, guided, choose = _setup(model, labels, sampler, sampling, seed, generator, num_positions)
-    record = sampler.needs_cls_attention if record_cls_attention == "auto" else bool(record_cls_attention)
-    if sampler.needs_cls_attention and not record:
-        raise GenerationError(f"{type(sampler).__name__} needs the class-token attention: "
+    batch, rows_labels, N, choose = _setup(model, labels, guidance, sampling, seed, generator, num_positions)
+    needs = batch.guidance.needs_cls_attention
+    record = needs if record_cls_attention == "auto" else bool(record_cls_attention)
+    if needs and not record:
+        raise GenerationError(f"{type(batch.guidance).__name__} needs the class-token attention: "
                               "leave record_cls_attention='auto' (or True)")
-    model.setup_caches(batch=B, cfg=guided, dtype=dtype, device=labels.device)  # reused when sizes match
-    lab = model.guided_labels(labels) if guided else labels  # (Bc,) [y; null] (docs/llamagen.md#cfg-batch-layout)
-    out = torch.empty(B, N, model.num_subtokens, dtype=torch.int64, device=labels.device)
+    model.setup_caches(batch=batch.rows, dtype=dtype, device=rows_labels.device)  # reused when sizes match
+    out = torch.empty(batch.batch, N, model.num_subtokens, dtype=torch.int64, device=rows_labels.device)
     prev = None
     for n in _positions(N, progress, "generate"):
-        prev = model.decode_step(n, prev, lab, choose, record_cls_attention=record)  # (B, K)
-        out[:, n] = prev
+        prev = model.decode_step(n, prev, rows_labels, choose, record_cls_attention=record)  # (rows, K)
+        out[:, n] = batch.conditional(prev)
     return out
 
 
 @torch.no_grad()
-def no_cache_step(model: ARModel, tokens: torch.Tensor, labels_c: torch.Tensor, n: int,
-                  choose: Callable[[int, torch.Tensor, DecodeInfo], torch.Tensor], *, guided: bool) -> torch.Tensor:
+def no_cache_step(model: ARModel, tokens: torch.Tensor, labels: torch.Tensor, n: int,
+                  choose: Callable[[int, torch.Tensor, DecodeInfo], torch.Tensor], *,
+                  batch: GuidedBatch) -> torch.Tensor:
     """Decode position n by recomputing the model over the prefix (no caches).
 
     ``tokens`` (B, ≥ n+1, K) holds positions < n; position n is filled in place
     sub-token by sub-token (the heads are teacher-forced on the earlier
-    sub-tokens of the same position, docs/open_magvit2.md#next-sub-token-head, docs/iar2.md#input-aggregation-and-local-context-head). ``labels_c`` are (Bc,). The
-    backbone runs once per position; sub-tokens k ≥ 1 rerun only the head.
-    Returns position n's (B, K) sub-tokens.
+    sub-tokens of the same position, docs/open_magvit2.md#next-sub-token-head, docs/iar2.md#input-aggregation-and-local-context-head).
+    ``labels`` are the (rows,) labels of ``batch`` and ``choose`` maps (rows, V_k) logits to
+    (rows,) sub-tokens. The backbone runs once per position; sub-tokens k ≥ 1 rerun only the
+    head. Returns position n's (B, K) sub-tokens.
     """
-    B, K = tokens.shape[0], tokens.shape[2]
+    K = tokens.shape[2]
     prefix = tokens[:, :n + 1]  # (B, n+1, K), a view: writes land in ``tokens``
-    x = torch.cat([prefix, prefix]) if guided else prefix.clone()  # (Bc, n+1, K): both halves see the same tokens
-    out = model(x, labels_c)  # eval mode: no label dropout; hidden state n depends on tokens < n only
+    x = batch.tokens(prefix)  # (rows, n+1, K): every row sees the image's tokens (unguided: prefix itself)
+    out = model(x, labels)  # eval mode: no label dropout; hidden state n depends on tokens < n only
     info = DecodeInfo(n=n, L=model.block_size)
     for k in range(K):
-        logits = out.logits[0] if k == 0 else model.head(out.hidden, x)[k]  # (Bc, n+1, V_k)
-        tok = choose(k, at_least_fp32(logits[:, n]), info)  # (B,)
-        prefix[:, n, k] = tok
-        x[:, n, k] = torch.cat([tok, tok]) if guided else tok
+        logits = out.logits[0] if k == 0 else model.head(out.hidden, x)[k]  # (rows, n+1, V_k)
+        tok = choose(k, at_least_fp32(logits[:, n]), info)  # (rows,)
+        x[:, n, k] = tok
+        prefix[:, n, k] = batch.conditional(tok)
     return prefix[:, n]
 
 
 @torch.no_grad()
-def generate_no_cache(model: ARModel, labels: torch.Tensor, *, sampler: CFGSampler | None = None,
+def generate_no_cache(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None = None,
                       sampling: SubTokenSampling | Sequence[SubTokenSampling] = SubTokenSampling(),
                       seed: int | None = None, generator: Generators = None, num_positions: int | None = None,
                       progress: bool = False) -> torch.Tensor:
     """:func:`generate` without KV caches: each position recomputes ``model(...)`` over the prefix.
 
     The reference for the cached loop (same seed, same tokens) and the
-    benchmark's "without KV cache" path. Samplers that need the class-token
+    benchmark's "without KV cache" path. Schedules that need the class-token
     attention (IAR2's adaptive CFG) cannot run here: the full forward does not
     expose attention probabilities.
     """
-    sampler, labels, B, N, guided, choose = _setup(model, labels, sampler, sampling, seed, generator, num_positions)
-    if sampler.needs_cls_attention:
-        raise GenerationError(f"{type(sampler).__name__} needs the class-token attention, which only the cached "
-                              "decode records: use generate()")
-    lab = model.guided_labels(labels) if guided else labels
-    tokens = torch.zeros(B, N, model.num_subtokens, dtype=torch.int64, device=labels.device)
+    batch, rows_labels, N, choose = _setup(model, labels, guidance, sampling, seed, generator, num_positions)
+    if batch.guidance.needs_cls_attention:
+        raise GenerationError(f"{type(batch.guidance).__name__} needs the class-token attention, which only the "
+                              "cached decode records: use generate()")
+    tokens = torch.zeros(batch.batch, N, model.num_subtokens, dtype=torch.int64, device=rows_labels.device)
     for n in _positions(N, progress, "generate (no cache)"):
-        no_cache_step(model, tokens, lab, n, choose, guided=guided)
+        no_cache_step(model, tokens, rows_labels, n, choose, batch=batch)
     return tokens
 
 

@@ -1,6 +1,6 @@
 """The central registry: the single source of truth for every arforge component.
 
-One registry per *kind* (quantizers, factorizations, heads, samplers, ...).
+One registry per *kind* (quantizers, factorizations, heads, guidance, ...).
 Components are discovered through the ``arforge.plugins`` entry-point group,
 whose entry names are ``"<kind>.<name>"``; the built-in plugins ship through the
 very same mechanism a third-party distribution would use (timm-style).
@@ -34,7 +34,7 @@ KINDS: dict[str, str] = {
     "heads": "AR output heads (linear, next-sub-token, semantic-detail local)",
     "backbones": "AR sequence backbones (Llama-style decoder)",
     "models": "complete AR models: presets over ARModel for each family",
-    "samplers": "guided sampling schedules (constant, interval, linear, adaptive CFG)",
+    "guidance": "classifier-free guidance schedules (constant, interval, linear, adaptive attention)",
     "evaluators": "metrics over samples or reconstructions (FID, IS, PSNR, ...)",
     "feature_extractors": "networks whose features the evaluators compare",
     "datasets": "image and token-code datasets",

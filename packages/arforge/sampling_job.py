@@ -24,7 +24,7 @@ Work folder (resume, memory)
     ``<output>.work/`` next to the output holds ``pixels.npy`` (uint8
     (C·N, H, W, 3), already in the file's permuted order, written with
     ``pwrite``: nothing of size N is ever held in memory), ``settings.json``
-    (what decides the pixels: seed, C, N, image size, sampler and sampling
+    (what decides the pixels: seed, C, N, image size, guidance and sampling
     settings, SHA-256 of the model's and tokenizer's weights, device type,
     precision) and one ``done-rank<r>.json`` per rank: a bitmap of the samples
     whose pixels are on disk, replaced atomically after each batch's pixels are
@@ -62,7 +62,8 @@ from arforge.checkpoint import (CheckpointError, load_checkpoint, mark_loaded, r
                                 strip_wrapper_prefixes, write_json_atomic)
 from arforge import validation as V
 from arforge.errors import ArforgeError, ConfigError
-from arforge.generation import CFGSampler, NoGuidance, decode_tokens, generate, sampling_settings
+from arforge.generation import decode_tokens, generate, sampling_settings
+from arforge.guidance import Guidance, NoGuidance, guidance_params
 from arforge.interfaces import as_grid
 from arforge.metrics.adm import to_uint8
 from arforge.viz import image_grid
@@ -286,7 +287,7 @@ def _size_pair(eval_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return size  # type: ignore[return-value]
 
 
-def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSampler | None = None,
+def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guidance | None = None,
                   model_checkpoint: str | os.PathLike | None = None,
                   tokenizer_checkpoint: str | os.PathLike | None = None,
                   model_weights: str = "auto", tokenizer_weights: str = "auto",
@@ -306,7 +307,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
             the parent folder of ``output``).
         model: an :class:`arforge.ar_model.ARModel` (moved to ``ctx.device``, eval mode).
         tokenizer: its tokenizer (``decode(ids (B, L, S), grid) -> images``).
-        sampler: the guidance schedule (``samplers.*``; None: unguided).
+        guidance: the CFG schedule (``guidance.*``, :mod:`arforge.guidance`; None: unguided). Its
+            settings are logged under their gin bindings (``guidance.cfg_linear.start``) and its
+            ``repr`` as the tag ``sample.guidance``.
         model_checkpoint, tokenizer_checkpoint: arforge checkpoint directories
             (a ``step_*`` folder, or a ``checkpoints`` folder with ``latest``;
             ``outputs:<experiment>/<run>/...`` works) to load strictly. Leave them
@@ -359,7 +362,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                           f"classes (labels 0..{model.null_class - 1}; {model.null_class} is the CFG null class). "
                           f"Set jobs.sample.num_classes <= {model.null_class} or leave it unset")
     size = _size_pair(eval_size)
-    sampler = sampler if sampler is not None else NoGuidance()
+    guidance = guidance if guidance is not None else NoGuidance()
     settings = sampling_settings(model.num_subtokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  greedy=greedy)
     from arforge.tracking import resolve_path
@@ -396,7 +399,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     grid = as_grid(L)
 
     if dist.is_main:
-        params = {**sampler.params(), "sample.temperature": _fmt(s.temperature for s in settings),
+        params = {**guidance_params(guidance, _registered_name(guidance)), "sample.temperature": _fmt(s.temperature for s in settings),
                   "sample.top_k": _fmt(s.top_k for s in settings), "sample.top_p": _fmt(s.top_p for s in settings),
                   "sample.greedy": _fmt(s.greedy for s in settings), "sample.samples_per_class": N,
                   "sample.num_classes": C, "sample.num_samples": total, "sample.batch_size": batch_size,
@@ -411,8 +414,9 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
             params.update({f"sample.{what}_checkpoint": info["path"], f"sample.{what}_step": info["step"],
                            f"sample.{what}_weights": info["weights"]})
         ctx.tracker.log_params(params)
+        ctx.tracker.set_tags({"sample.guidance": repr(guidance)})  # a description, not a second name
         ctx.log(f"sampling {N} x {C} classes = {total} images on {world} rank(s), batch {batch_size}, "
-                f"{type(sampler).__name__} (guided={sampler.guided}), into {out_path}")
+                f"{guidance!r} (guided={guidance.guided}), into {out_path}")
 
     perm = np.random.default_rng(seed).permutation(total)  # arr_0[j] = sample perm[j]
     inverse = np.empty(total, dtype=np.int64)
@@ -425,7 +429,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     if dist.is_main:
         try:
             shape = _probe_shape(model, tokenizer, grid, size, device)
-            recorded = _work_settings(model=model, tokenizer=tokenizer, sampler=sampler, settings=settings,
+            recorded = _work_settings(model=model, tokenizer=tokenizer, guidance=guidance, settings=settings,
                                       seed=seed, C=C, N=N, shape=shape, eval_size=size, device=device,
                                       precision=ctx.precision, untrained_model=untrained_model,
                                       info={k: str(v) for k, v in params.items()})
@@ -483,7 +487,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
                 lab = torch.from_numpy(labels_all[idx]).to(device)
                 t0 = time.perf_counter()
                 with ctx.precision.autocast(device):
-                    sub = generate(model, lab, sampler=sampler, sampling=settings, generator=gens)  # (b, L, K)
+                    sub = generate(model, lab, guidance=guidance, sampling=settings, generator=gens)  # (b, L, K)
                 t1 = time.perf_counter()
                 pix = to_uint8(decode_tokens(tokenizer, model.factorization, sub, grid, eval_size=size).float())
                 dec_seconds += time.perf_counter() - t1
@@ -521,7 +525,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
         chunk = batch_size * image_bytes  # the copy holds one batch of pixels at a time
         _write_adm_zip(out_path, shape_all, _pixel_chunks(work / PIXELS, offset, total * image_bytes, chunk),
                        labels_all[perm])
-        # The sampler's settings travel with the samples, so the run that evaluates them can log
+        # The guidance and sampling settings travel with the samples, so the run that evaluates them can log
         # them next to its FID (jobs.evaluate_samples reads <samples>.json).
         sidecar = out_path.with_name(out_path.name + ".json")
         tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
@@ -551,6 +555,16 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, sampler: CFGSa
     return result
 
 
+def _registered_name(guidance: Any) -> str | None:
+    """``guidance.<name>``, the registered name of ``guidance``'s class (None: not registered)."""
+    from arforge import registry as reg
+
+    for comp in reg.load_plugins().all():
+        if comp.kind == "guidance" and comp.obj is type(guidance):
+            return comp.qualified_name
+    return None
+
+
 def _probe_shape(model: Any, tokenizer: Any, grid: tuple[int, int], size: tuple[int, int] | None,
                  device: torch.device) -> tuple[int, ...]:
     """(H, W, 3) of a decoded sample, from one all-zero token grid (no random numbers drawn)."""
@@ -560,7 +574,7 @@ def _probe_shape(model: Any, tokenizer: Any, grid: tuple[int, int], size: tuple[
     return (int(images.shape[2]), int(images.shape[3]), 3)
 
 
-def _work_settings(*, model: Any, tokenizer: Any, sampler: Any, settings: Sequence[Any], seed: int, C: int, N: int,
+def _work_settings(*, model: Any, tokenizer: Any, guidance: Any, settings: Sequence[Any], seed: int, C: int, N: int,
                    shape: tuple[int, ...], eval_size: Any, device: torch.device, precision: Any,
                    untrained_model: bool, info: dict[str, str]) -> dict[str, Any]:
     """What a resumed run must share with the run that started the work folder (``match``), and what
@@ -569,7 +583,8 @@ def _work_settings(*, model: Any, tokenizer: Any, sampler: Any, settings: Sequen
                 for s in settings]
     match = {"seed": seed, "num_classes": C, "samples_per_class": N, "num_samples": C * N,
              "image_shape": list(shape), "eval_size": list(eval_size) if eval_size else None,
-             "sampler": {"type": type(sampler).__qualname__, **{k: str(v) for k, v in sampler.params().items()}},
+             "guidance": {"type": type(guidance).__qualname__,
+                          **{k: repr(v) for k, v in sorted(vars(guidance).items())}},
              "sampling": sampling, "device": device.type, "precision": getattr(precision, "name", str(precision)),
              "model": {"type": type(model).__qualname__, "weights_sha256": _weights_sha256(model)},
              "tokenizer": {"type": type(tokenizer).__qualname__, "weights_sha256": _weights_sha256(tokenizer)},

@@ -447,13 +447,14 @@ def expect_sample(lf: tl.LaunchFile, world: tl.World, result, run):
     params = run.data.params
     assert params["sample.num_samples"] == str(CLASSES * SAMPLES_PER_CLASS)
     sidecar = json.loads(files[0].with_name(files[0].name + ".json").read_text())["params"]
-    assert sidecar["cfg.sampler"] == params["cfg.sampler"]
-    sampler = file_value(lf, "jobs.sample.sampler", "")
-    name = str(sampler).lstrip("@").removesuffix("()").removeprefix("samplers.")
-    for key, value in tl.flat_bindings(lf.path).items():  # every guidance setting of the file was used
-        if key.startswith(f"samplers.{name}."):
-            assert any(_close(v, ast.literal_eval(value)) for k, v in params.items() if k.startswith("cfg.")), \
-                (key, value, params)
+    assert sidecar["jobs.sample.guidance"] == params["jobs.sample.guidance"]
+    guidance = str(file_value(lf, "jobs.sample.guidance", "None"))
+    assert params["jobs.sample.guidance"] == guidance, (params["jobs.sample.guidance"], guidance)
+    name = guidance.lstrip("@").removesuffix("()")
+    for key, value in tl.flat_bindings(lf.path).items():  # every guidance setting of the file was used,
+        if key.startswith(f"{name}."):                   # logged under its gin binding (one name)
+            assert params[key] == value or _close(params[key], ast.literal_eval(value)), (key, value, params.get(key))
+    assert not any(k.startswith("cfg.") for k in params), params
     assert "samples/grid.png" in artifacts(world, result[0], "samples")
     for what in ("model", "tokenizer"):  # trained weights: the final checkpoint of the run the file names
         named = file_value(lf, f"jobs.sample.{what}_checkpoint")
@@ -497,7 +498,7 @@ def expect_evaluate(lf: tl.LaunchFile, world: tl.World, result, run):
         assert params["eval.reference_stats_s"] == "mu_s/sigma_s from the reference file"
     samples = Path(params["eval.samples"])
     assert samples.is_file() and len(np.load(samples)["arr_1"]) == CLASSES * SAMPLES_PER_CLASS
-    assert "cfg.sampler" in params  # the sampler's settings travel with the samples to the FID run
+    assert "jobs.sample.guidance" in params  # the guidance settings travel with the samples to the FID run
     return metrics
 
 

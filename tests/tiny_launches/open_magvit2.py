@@ -331,8 +331,8 @@ def _expect_sample(lf: tl.LaunchFile, world: tl.World, result, run) -> None:
     assert images.shape == (NUM_SAMPLES, IMAGE_SIZE, IMAGE_SIZE, 3), images.shape
     assert np.bincount(labels, minlength=CLASSES).tolist() == [SAMPLES_PER_CLASS] * CLASSES
     params = run.data.params
-    scale, temperature = _file_value(lf, "samplers.cfg_constant.scale"), _file_value(lf, "jobs.sample.temperature")
-    assert params["cfg.scale"] == str(tuple(scale)), (params["cfg.scale"], scale)
+    scale, temperature = _file_value(lf, "guidance.cfg_constant.scale"), _file_value(lf, "jobs.sample.temperature")
+    assert params["guidance.cfg_constant.scale"] == str(tuple(scale)), (params["guidance.cfg_constant.scale"], scale)
     assert params["sample.temperature"] == _as_logged(temperature), (params["sample.temperature"], temperature)
     sidecar = json.loads(path.with_name(path.name + ".json").read_text())["params"]
     assert sidecar["sample.num_samples"] == str(NUM_SAMPLES)
@@ -376,7 +376,7 @@ def _expect_evaluate(lf: tl.LaunchFile, world: tl.World, result, run) -> None:
     assert params["eval.num_samples"] == str(NUM_SAMPLES)
     assert params["eval.weights_file"] == str(feature_extractor(world))
     assert params["eval.reference"] == str(reference_batch(world))
-    assert "cfg.scale" in params  # the sampler's settings travel with the samples to the FID run
+    assert "guidance.cfg_constant.scale" in params  # the guidance settings travel with the samples to the FID run
     net = DigitsClassifier.load(feature_extractor(world))
     with np.load(params["eval.samples"]) as s, np.load(reference_batch(world)) as r:
         fid = frechet_distance(FeatureStats.of(net.features(s["arr_0"]).pool),

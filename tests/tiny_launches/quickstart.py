@@ -188,8 +188,8 @@ def _check_stage(world: tl.World, run, out: Path, *, vocab: tuple[int, ...], wir
         fid = _history(world, run, "fid")
         assert sorted(fid) == sorted(FIDELITY_STEPS) and all(math.isfinite(v) for v in fid.values()), fid
         assert fid[FIDELITY_STEPS[-1]] == metrics["fid"], (fid, metrics)
-        # The FID run carries the sampler's settings next to its metrics (for arforge compare).
-        assert "sample.temperature" in params and any(k.startswith("cfg.") for k in params), params
+        # The FID run carries the guidance settings next to its metrics, under their gin names (arforge compare).
+        assert "sample.temperature" in params and any(k.startswith("guidance.") for k in params), params
     else:
         raise AssertionError(f"{name}: no quickstart check for job {job!r}")
     for (wired_job, param), macro in WIRING.items():
@@ -212,7 +212,7 @@ def _expect_pipeline(lf: tl.LaunchFile, world: tl.World, run, out: Path) -> dict
         assert f"pipeline/{stage.path.stem}_seconds" in run.data.metrics, (lf.rel, stage.rel)
         _check_stage(world, children[stage.run_name], out / stage.run_name, vocab=vocab, wiring=wiring)
     if "sample" in children and "evaluate" in children:
-        sampled = {k: v for k, v in children["sample"].data.params.items() if k.startswith(("sample.", "cfg."))}
+        sampled = {k: v for k, v in children["sample"].data.params.items() if k.startswith(("sample.", "guidance.", "jobs.sample.guidance"))}
         evaluated = children["evaluate"].data.params
         assert sampled and all(evaluated.get(k) == v for k, v in sampled.items()), (sampled, evaluated)
     return children

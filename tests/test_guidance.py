@@ -1,4 +1,5 @@
-"""CFG samplers: guidance decisions, schedules, LlamaGen's cfg_interval mapping, IAR2's adaptive CFG."""
+"""CFG (arforge.guidance): guidance decisions, the [cond; uncond] layout, schedules, LlamaGen's cfg_interval
+mapping, IAR2's adaptive CFG, and the one name each setting is logged under."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from arforge.ar_model import DecodeInfo
 from arforge.errors import ConfigError
 from arforge.generation import generate
-from arforge_plugins.guidance.cfg import (AdaptiveAttentionCFG, ConstantCFG, IntervalCFG, LinearCFG,
-                                          progress_weight)
+from arforge.guidance import (AdaptiveAttentionCFG, ConstantCFG, GuidedBatch, IntervalCFG, LinearCFG, NoGuidance,
+                              guidance_params, progress_weight)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +31,7 @@ def _iar2():
 
 
 class Spy:
-    """Wraps a sampler and records every (k, n, scale, attn_cls) it hands out."""
+    """Wraps a schedule and records every (k, n, scale, attn_cls) it hands out."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
@@ -40,9 +41,6 @@ class Spy:
         s = self.inner.scale(k, n, L, info)
         self.calls.append((k, n, s, info.attn_cls))
         return s
-
-    def params(self):
-        return self.inner.params()
 
 
 # --------------------------------------------------------------- guided flags
@@ -66,7 +64,8 @@ def test_constant_per_subtoken_scales():
         s.scale(2, 0, 256, INFO)
     with pytest.raises(ConfigError, match="finite"):
         ConstantCFG(scale=math.nan)
-    assert s.params() == {"cfg.sampler": "constant", "cfg.scale": "(1.9, 2.0)"}
+    assert guidance_params(s, "guidance.cfg_constant") == {"jobs.sample.guidance": "@guidance.cfg_constant()",
+                                                           "guidance.cfg_constant.scale": "(1.9, 2.0)"}
 
 
 # ------------------------------------------------------------------- interval
@@ -78,7 +77,9 @@ def test_interval_guides_tokens_zero_to_interval():
     for bad in (-2, 1.5):
         with pytest.raises(ConfigError, match="interval"):
             IntervalCFG(scale=2.0, interval=bad)
-    assert s.params() == {"cfg.sampler": "interval", "cfg.scale": 2.0, "cfg.interval": 3}
+    assert guidance_params(s, "guidance.cfg_interval") == {"jobs.sample.guidance": "@guidance.cfg_interval()",
+                                                           "guidance.cfg_interval.scale": "2.0",
+                                                           "guidance.cfg_interval.interval": "3"}
 
 
 @pytest.mark.parametrize("cfg_interval", [-1, -3, -0.5, 0, 0.5, 4, 7.9, 20])
@@ -101,9 +102,9 @@ def test_interval_ends_guidance_inside_generate():
     m.eval()
     labels = torch.tensor([3, 8])
     spy = Spy(IntervalCFG(scale=3.0, interval=4))
-    a = generate(m, labels, sampler=spy, seed=2)
+    a = generate(m, labels, guidance=spy, seed=2)
     assert [c[2] for c in spy.calls] == [3.0] * 5 + [1.0] * 11
-    b = generate(m, labels, sampler=ConstantCFG(scale=3.0), seed=2)
+    b = generate(m, labels, guidance=ConstantCFG(scale=3.0), seed=2)
     assert torch.equal(a[:, :5], b[:, :5]) and not torch.equal(a, b)
 
 
@@ -138,11 +139,13 @@ def test_adaptive_formula_per_sample():
         s.scale(0, 1, L, DecodeInfo(n=1, L=L))
 
 
-def test_adaptive_params_and_named_scales():
+def test_adaptive_named_scales_and_their_gin_names():
     s = AdaptiveAttentionCFG(sem_start=1.7, sem_end=2.9, det_start=1.6, det_end=3.1, w_attn=0.05)
     assert s.pairs == ((1.7, 2.9), (1.6, 3.1))
-    assert s.params() == {"cfg.sampler": "adaptive_attention", "cfg.w_attn": 0.05, "cfg.scale1_1": 1.7,
-                          "cfg.scale1_2": 2.9, "cfg.scale2_1": 1.6, "cfg.scale2_2": 3.1}
+    name = "guidance.cfg_adaptive_attention"
+    assert guidance_params(s, name) == {"jobs.sample.guidance": f"@{name}()", f"{name}.sem_start": "1.7",
+                                        f"{name}.sem_end": "2.9", f"{name}.det_start": "1.6",
+                                        f"{name}.det_end": "3.1", f"{name}.w_attn": "0.05"}
     assert AdaptiveAttentionCFG().pairs == ((1.75, 3.0), (1.75, 3.0))  # the IAR2 README (docs/llamagen.md#sampling-defaults)
     assert AdaptiveAttentionCFG(scales=((1.0, 2.0),)).pairs == ((1.0, 2.0),)
     with pytest.raises(ConfigError, match="not both"):
@@ -155,7 +158,7 @@ def test_adaptive_cfg_in_generation_uses_the_recorded_class_attention():
     m = _iar2()
     labels = torch.tensor([1, 6, 9])
     spy = Spy(AdaptiveAttentionCFG(sem_start=1.5, sem_end=3.0, det_start=2.0, det_end=2.0, w_attn=0.05))
-    generate(m, labels, sampler=spy, seed=0)
+    generate(m, labels, guidance=spy, seed=0)
     L = m.block_size
     assert [(k, n) for k, n, _, _ in spy.calls] == [(k, n) for n in range(L) for k in (0, 1)]
     first_sem = spy.calls[0]
@@ -167,3 +170,42 @@ def test_adaptive_cfg_in_generation_uses_the_recorded_class_attention():
     mid = spy.calls[2 * 12]  # semantic head at n = 12: scales differ per sample through a_n
     assert mid[2].shape == (3,) and not torch.allclose(mid[2], mid[2][0].expand(3))
     assert all(torch.equal(c[2], torch.full((3,), 2.0)) for c in spy.calls if c[0] == 1)  # constant det head
+
+
+# --------------------------------------------------------------------- layout
+def test_guided_batch_lays_out_conditional_then_unconditional_rows():
+    """docs/llamagen.md#cfg-batch-layout: [y; null] rows, chosen tokens in both halves, the
+    conditional half read back; unguided, the rows are the images themselves."""
+    labels = torch.tensor([3, 5, 7])
+    g = GuidedBatch(ConstantCFG(scale=2.0), batch=3)
+    assert (g.guided, g.rows) == (True, 6)
+    assert g.labels(labels, null_class=10).tolist() == [3, 5, 7, 10, 10, 10]
+    tok = torch.tensor([[1, 2], [3, 4], [5, 6]])  # (B, K)
+    assert torch.equal(g.tokens(tok), torch.cat([tok, tok]))
+    assert torch.equal(g.conditional(g.tokens(tok)), tok)
+    attn = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.7])  # (rows,): the schedule sees the conditional half
+    assert torch.equal(g.info(DecodeInfo(n=1, L=4, attn_cls=attn)).attn_cls, attn[:3])
+    with pytest.raises(ValueError, match="expected 6 rows"):
+        g.conditional(tok)
+    assert g.scale(0, INFO) == 2.0
+
+    plain = GuidedBatch(None, batch=3)  # NoGuidance: B rows, scale 1, the schedule never asked
+    assert isinstance(plain.guidance, NoGuidance) and (plain.guided, plain.rows) == (False, 3)
+    assert plain.labels(labels, null_class=10) is labels and plain.tokens(tok) is tok
+    assert GuidedBatch(ConstantCFG(scale=1.0), batch=2).rows == 2  # every scale 1: not guided
+    assert GuidedBatch(Spy(ConstantCFG(scale=1.0)), batch=2).scale(0, INFO) == 1.0
+
+
+def test_each_setting_is_logged_under_its_gin_binding_only():
+    """One name per parameter (docs/studies.md): the gin binding, defaults filled in, values as a
+    gin file writes them (so a study's trial bind and the sample job's param agree), and no
+    ``cfg.*`` copies; an unregistered schedule has no gin names and gets none."""
+    assert guidance_params(LinearCFG(start=1.25, end=(2.0, 3)), "guidance.cfg_linear") == {
+        "jobs.sample.guidance": "@guidance.cfg_linear()", "guidance.cfg_linear.start": "1.25",
+        "guidance.cfg_linear.end": "(2.0, 3)"}
+    assert guidance_params(AdaptiveAttentionCFG(scales=[[1.0, 2.0]]), "guidance.cfg_adaptive_attention") == {
+        "jobs.sample.guidance": "@guidance.cfg_adaptive_attention()",
+        "guidance.cfg_adaptive_attention.scales": "[[1.0, 2.0]]", "guidance.cfg_adaptive_attention.w_attn": "0.05"}
+    assert guidance_params(AdaptiveAttentionCFG(), "g.a")["g.a.sem_end"] == "3.0"  # a default, still one name
+    assert guidance_params(NoGuidance(), None) == {"jobs.sample.guidance": "None"}
+    assert guidance_params(Spy(ConstantCFG()), None) == {}
