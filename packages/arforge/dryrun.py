@@ -2,7 +2,7 @@
 
 The launch file is parsed, the job's required bindings are checked, and every
 model-like component it names (models, tokenizers, quantizers, factorizations,
-heads, backbones, samplers, and the modules inside ``loaders.*``) is built on
+heads, backbones, guidance, and the modules inside ``loaders.*``) is built on
 the meta device, so even a 3B-parameter model costs no memory. Then:
 
 * the tokenizer's codebook sizes must equal the factorization's, and the
@@ -30,7 +30,7 @@ import torch
 
 from arforge.errors import ConfigError
 
-BUILT_KINDS = ("models", "tokenizers", "quantizers", "factorizations", "heads", "backbones", "samplers")
+BUILT_KINDS = ("models", "tokenizers", "quantizers", "factorizations", "heads", "backbones", "guidance")
 
 
 @dataclass
