@@ -2,7 +2,7 @@
 [conditional; unconditional] batch layout and the combine ℓ = ℓ_u + s·(ℓ_c − ℓ_u).
 
 See docs/llamagen.md#sampling, docs/llamagen.md#cfg-batch-layout, docs/llamagen.md#logit-processing,
-docs/open_magvit2.md#sampling and docs/iar2.md#sampling.
+docs/open_magvit2.md#sampling, docs/iar2.md#sampling and docs/iar2.md#adaptive-cfg.
 
 Why one framework module. The schedule decides *whether* guidance is on and *which scale*
 each sub-token gets; the layout and the combine are what that decision means for the batch.
@@ -34,7 +34,7 @@ The schedules
     * :class:`ConstantCFG` — LlamaGen, IAR, Open-MAGVIT2 (per-sub-token scales, docs/open_magvit2.md#sampling).
     * :class:`IntervalCFG` — LlamaGen's ``cfg_interval`` (docs/llamagen.md#sampling), in token indices.
     * :class:`LinearCFG` — a start → end ramp over the sequence, per sub-token.
-    * :class:`AdaptiveAttentionCFG` — IAR2's progressive attention-guided CFG (docs/iar2.md#sampling).
+    * :class:`AdaptiveAttentionCFG` — IAR2's progressive attention-guided CFG (docs/iar2.md#adaptive-cfg).
 
     Scales given as one number apply to every sub-token; a tuple gives one value per sub-token
     ((pre, post) for Open-MAGVIT2, (semantic, detail) for IAR2).
@@ -206,7 +206,7 @@ def _fmt(vals: tuple[float, ...]) -> float | tuple[float, ...]:
 
 
 def progress_weight(n: int, L: int, attn_cls: torch.Tensor | None = None, w_attn: float = 0.0) -> Any:
-    """IAR2's w(n) = n/(L − 1) + w_attn·a_n, and 0.5 + w_attn·a_n when L = 1 (docs/iar2.md#sampling).
+    """IAR2's w(n) = n/(L − 1) + w_attn·a_n, and 0.5 + w_attn·a_n when L = 1 (docs/iar2.md#adaptive-cfg).
 
     Returns a float without ``attn_cls`` (w_attn·a_n omitted), else a (B,) tensor.
     """
@@ -285,7 +285,7 @@ class IntervalCFG:
 class LinearCFG:
     """A linear ramp s(n) = s_start + (s_end − s_start)·w(n), w(n) = n/(L − 1) (0.5 when L = 1).
 
-    IAR2's progressive schedule without the attention term (docs/iar2.md#sampling with
+    IAR2's progressive schedule without the attention term (docs/iar2.md#adaptive-cfg with
     w_attn = 0); start and end may be per-sub-token tuples.
     """
 
@@ -311,7 +311,7 @@ class LinearCFG:
 
 
 class AdaptiveAttentionCFG:
-    """IAR2's progressive attention-guided CFG (docs/iar2.md#sampling; defaults: the IAR2 README, docs/llamagen.md#sampling-defaults).
+    """IAR2's progressive attention-guided CFG (docs/iar2.md#adaptive-cfg; defaults: the IAR2 README, docs/llamagen.md#sampling-defaults).
 
     For sub-token head k with start and end scales (s_k1, s_k2):
     w(n) = n/(L − 1) + w_attn·a_n (0.5 + w_attn·a_n if L = 1), with a_n the last
