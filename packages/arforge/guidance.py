@@ -167,7 +167,8 @@ class GuidedBatch:
         return rows[:self.batch]
 
     def info(self, info: DecodeInfo) -> DecodeInfo:
-        """The model's per-row :class:`DecodeInfo` as the schedule sees it: ``attn_cls`` (B,) of the conditional half."""
+        """The model's per-row :class:`DecodeInfo` as the schedule sees it: the (B,) ``attn_cls``
+        of the conditional half."""
         if info.attn_cls is None:
             return info
         return dataclasses.replace(info, attn_cls=self.conditional(info.attn_cls))

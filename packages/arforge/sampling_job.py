@@ -399,7 +399,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
     grid = as_grid(L)
 
     if dist.is_main:
-        params = {**guidance_params(guidance, _registered_name(guidance)), "sample.temperature": _fmt(s.temperature for s in settings),
+        params = {**guidance_params(guidance, _registered_name(guidance)),  # under their gin bindings
+                  "sample.temperature": _fmt(s.temperature for s in settings),
                   "sample.top_k": _fmt(s.top_k for s in settings), "sample.top_p": _fmt(s.top_p for s in settings),
                   "sample.greedy": _fmt(s.greedy for s in settings), "sample.samples_per_class": N,
                   "sample.num_classes": C, "sample.num_samples": total, "sample.batch_size": batch_size,
