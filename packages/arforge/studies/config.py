@@ -52,6 +52,7 @@ class StudyConfig:
     max_consecutive_failures: int = 5
     enqueue: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     storage: str | None = None
+    prune_on: str | None = None
 
 
 @gin.configurable(module="arforge")
@@ -79,6 +80,7 @@ def study(
     max_consecutive_failures: int = 5,
     enqueue: Sequence[Mapping[str, Any]] = (),
     storage: str | None = None,
+    prune_on: str | None = None,
 ) -> StudyConfig:
     """An Optuna study over the gin parameters of one launch file.
 
@@ -121,6 +123,10 @@ def study(
             (``postgresql://user@host/db``) or ``journal:///path/study.log`` (Optuna's file journal;
             a relative path is taken against the study file's folder). Default:
             ``sqlite:///$ARFORGE_HOME/optuna.db``.
+        prune_on: the metric whose ``ctx.report`` values go to the pruner (default: the
+            objective). Set it to prune by training step on a curve the objective lacks, e.g.
+            ``"val_nll"`` (the AR trainer's held-out NLL) or ``"train_nll"`` for an FID objective;
+            it must fall as the objective falls (or rise with it, when maximising).
     """
     return StudyConfig(
         launch_file=launch_file, space=dict(space) if isinstance(space, Mapping) else space,
@@ -130,7 +136,7 @@ def study(
         n_warmup_steps=n_warmup_steps, pruner_options=dict(pruner_options or {}),
         fixed_bindings=list(fixed_bindings), timeout=timeout, heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, max_retry=max_retry, max_consecutive_failures=max_consecutive_failures,
-        enqueue=[dict(p) if isinstance(p, Mapping) else p for p in enqueue], storage=storage)
+        enqueue=[dict(p) if isinstance(p, Mapping) else p for p in enqueue], storage=storage, prune_on=prune_on)
 
 
 _STUDY_SELECTOR = re.compile(r"^\s*(?:[\w./]+/)?(?:arforge\.)?(?:study|space\.\w+)\.\w+\s*=")
@@ -198,6 +204,8 @@ def _check_config(cfg: StudyConfig, path: Path) -> StudyConfig:
     if cfg.heartbeat_interval is None or cfg.heartbeat_interval < 0 or \
             (cfg.grace_period is not None and cfg.grace_period < 1):
         raise bad("study.heartbeat_interval must be >= 0 (0: off) and grace_period >= 1")
+    if cfg.prune_on is not None and (not isinstance(cfg.prune_on, str) or not cfg.prune_on):
+        raise bad(f"study.prune_on must be a metric name such as 'val_nll', not {cfg.prune_on!r}")
     if cfg.storage is not None and (not isinstance(cfg.storage, str) or "://" not in cfg.storage):
         raise bad(f"study.storage must be a storage URL such as 'journal:///path/study.log' or "
                   f"'postgresql://user@host/db', not {cfg.storage!r}")

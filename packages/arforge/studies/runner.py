@@ -127,8 +127,11 @@ class StudyRunner:
             raise ConfigError(usage.describe_unused(dead, study_file=self.study_file, launch_file=self.launch_file))
 
     def _signature(self) -> dict[str, Any]:
-        return {"launch_file": str(self.cfg.launch_file), "objective": self.cfg.objective,
-                "space": {n: s.describe() for n, s in self.cfg.space.items()}}
+        sig = {"launch_file": str(self.cfg.launch_file), "objective": self.cfg.objective,
+               "space": {n: s.describe() for n, s in self.cfg.space.items()}}
+        if self.cfg.prune_on and self.cfg.prune_on != self.cfg.objective:  # other intermediate values
+            sig["prune_on"] = self.cfg.prune_on
+        return sig
 
     def _grace(self) -> float:
         return float(self.cfg.grace_period or 2 * (self.cfg.heartbeat_interval or 0))
@@ -284,10 +287,10 @@ class StudyRunner:
         return run_id if run_id and run_id != before else None
 
     def _reporter(self, trial: Any) -> Callable[[str, float, int], None]:
-        objective = self.cfg.objective
+        watched = self.cfg.prune_on or self.cfg.objective
 
         def report(metric: str, value: float, step: int) -> None:
-            if metric != objective:
+            if metric != watched:
                 return
             trial.report(value, step)
             if trial.should_prune():
@@ -340,10 +343,14 @@ class StudyRunner:
             return
         self._consecutive_failures = 0
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        what = "pruned at" if frozen.state == TrialState.PRUNED else "finished:"
-        self.say(f"trial {frozen.number} {what} {self.cfg.objective} = {frozen.value:.6g} "
-                 f"({finished}/{self.cfg.n_trials} finished)"
-                 if frozen.value is not None else f"trial {frozen.number} {frozen.state.name}")
+        if frozen.state == TrialState.PRUNED and frozen.intermediate_values:
+            step = max(frozen.intermediate_values)
+            self.say(f"trial {frozen.number} pruned at step {step}: {self.cfg.prune_on or self.cfg.objective} = "
+                     f"{frozen.intermediate_values[step]:.6g} ({finished}/{self.cfg.n_trials} finished)")
+        else:
+            self.say(f"trial {frozen.number} finished: {self.cfg.objective} = {frozen.value:.6g} "
+                     f"({finished}/{self.cfg.n_trials} finished)"
+                     if frozen.value is not None else f"trial {frozen.number} {frozen.state.name}")
         if frozen.state == TrialState.COMPLETE:
             if self.parent_run_id:
                 from arforge import tracking

@@ -67,7 +67,8 @@ def open_parent_run(cfg: StudyConfig, base: Any, exp_id: str, *, study_file: Pat
             "study.pruner": cfg.pruner, "study.n_startup_trials": cfg.n_startup_trials,
             "study.n_warmup_steps": cfg.n_warmup_steps, "study.n_trials": cfg.n_trials,
             "study.study_name": cfg.study_name, "study.storage": mask_url(storage_url),
-            "study.fixed_bindings": json.dumps(fixed), **options})
+            "study.fixed_bindings": json.dumps(fixed), **options,
+            **({"study.prune_on": cfg.prune_on} if cfg.prune_on else {})})
         tracker.log_dict(space_json(cfg.space), "study_space.json")
         tracker.log_text(study_file.read_text(), f"study/{study_file.name}")
         tracker.log_text(launch_file.read_text(), f"study/{launch_file.name}")

@@ -27,6 +27,7 @@ from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
 from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, param_groups, set_lr
+from arforge.trainers.held_out import HeldOutCodes, unweighted_nll
 from arforge.trainers.parallel import (PARALLEL, FSDPModelState, FSDPOptimState, ShardedEMA, _unwrap,
                                        fully_shard_units, uses_fsdp, wrap_ddp)
 
@@ -131,6 +132,10 @@ def train_ar(
     log_every: int = 10,
     num_workers: int = 0,
     log_checkpoint: bool = True,
+    val_dataset=None,
+    val_tokenizer: nn.Module | None = None,
+    eval_every: int = 0,
+    eval_items: int = 256,
 ) -> dict[str, float]:
     """Train a class-conditional AR model on token codes.
 
@@ -154,6 +159,14 @@ def train_ar(
         parallel: ``auto`` (DDP under torchrun), ``ddp``, ``fsdp`` or ``none``.
         save_every / keep_last / log_every: checkpoint and logging periods (optimizer steps).
         log_checkpoint: log the final checkpoint folder as an MLflow artifact.
+        val_dataset: held-out data, items like ``dataset``'s (codes, or images with ``tokenizer`` or
+            ``val_tokenizer``): its per-token NLL (unweighted, ``trainers/held_out.py``) is logged as
+            ``val/nll``, reported with ``ctx.report("val_nll", ...)`` every ``eval_every`` steps
+            and at the end, and returned as ``val_nll``. Every log also reports ``train_nll``.
+        val_tokenizer: a frozen tokenizer that encodes ``val_dataset``'s images when the model
+            trains on pre-extracted codes (e.g. the digits' validation split).
+        eval_every / eval_items: held-out evaluation period (optimizer steps; 0: only at the
+            end) and how many held-out items it reads (the first ones, encoded once).
     """
     V.check_args(
         "jobs.train_ar", locals(), where=ctx,
@@ -163,7 +176,8 @@ def train_ar(
         warmup_steps=V.NON_NEGATIVE_INT, end_factor=V.NON_NEGATIVE_FLOAT, grad_clip=V.optional(V.POSITIVE_FLOAT),
         grad_accum=V.POSITIVE_INT, ema_decay=V.optional(V.DECAY), parallel=V.choice(*PARALLEL),
         save_every=V.NON_NEGATIVE_INT, keep_last=V.POSITIVE_INT, log_every=V.POSITIVE_INT,
-        num_workers=V.NON_NEGATIVE_INT, log_checkpoint=V.BOOL)
+        num_workers=V.NON_NEGATIVE_INT, log_checkpoint=V.BOOL, eval_every=V.NON_NEGATIVE_INT,
+        eval_items=V.POSITIVE_INT)
     device = ctx.device
     if tokenizer is None:
         check_dataset_fits(model, dataset)
@@ -200,6 +214,24 @@ def train_ar(
     weights_k = list(loss_weights) if loss_weights is not None else getattr(inner, "loss_weights", None)
     if ctx.is_main and loop.step == 0:
         ctx.tracker.log_metrics({"model/params": float(inner.num_params())}, step=0)
+    held_out = None
+    if val_dataset is not None:
+        val_tok = tokenizer if tokenizer is not None else val_tokenizer
+        if val_tok is None:
+            check_dataset_fits(inner, val_dataset)
+        else:
+            val_tok = val_tok.to(device).eval().requires_grad_(False)
+            check_tokenizer_fits(inner, val_tok, val_dataset)
+        held_out = HeldOutCodes(val_dataset, max_items=eval_items, batch_size=batch_size, device=device,
+                                tokenizer=val_tok)
+
+    def evaluate_held_out() -> float:
+        # Every rank evaluates (FSDP's forward is a collective) on the same batches: the same value.
+        value = held_out.nll(wrapped, fac, precision=ctx.precision, device=device)
+        ctx.tracker.log_metrics({"val/nll": value}, step=loop.step)
+        # A study's pruner may stop the trial here (optuna.TrialPruned): training ends at this step.
+        ctx.report("val_nll", value, loop.step)
+        return value
     wrapped.train()
     bar = loop.progress()
     t_last, tokens_since = time.time(), 0
@@ -254,16 +286,24 @@ def train_ar(
                 last["train/grad_norm"] = float(gnorm)
             last["data/skipped"] = float(getattr(dataset, "skipped", 0) or 0)
             t_last, tokens_since = now, 0
+            last["train/nll"] = unweighted_nll(sums)  # the loss without weights: comparable across them
             ctx.tracker.log_metrics(last, step=loop.step)
             ctx.report("loss", last["train/loss"], loop.step)
+            ctx.report("train_nll", last["train/nll"], loop.step)
             bar.set_postfix(loss=f"{last['train/loss']:.4f}")
         if loop.should_save():
             loop.save()
+        # After the save: a trial pruned here keeps its checkpoint of this step.
+        if held_out is not None and eval_every and loop.step % eval_every == 0 and loop.step < steps:
+            evaluate_held_out()
     bar.close()
     final = loop.save()
     if ctx.is_main and final is not None:
         if log_checkpoint:
             ctx.tracker.log_artifact(final, "checkpoint")
         ctx.extra["checkpoint"] = str(final)
-    return {k.removeprefix("train/"): v for k, v in last.items()}
+    result = {k.removeprefix("train/"): v for k, v in last.items()}
+    if held_out is not None:  # after the final checkpoint: a prune here keeps the trained weights
+        result["val_nll"] = evaluate_held_out()
+    return result
 

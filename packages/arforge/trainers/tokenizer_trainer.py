@@ -396,6 +396,10 @@ def _eval_and_log(ctx, model, val_dataset, step, eval_images, grid_images, perce
                              perceptual=perceptual)
     prefix = "val/"
     ctx.tracker.log_metrics({prefix + k: v for k, v in res.items()}, step=step)
+    # Training-curve objectives of tokenizer loss-weight studies (docs/studies.md#pruning):
+    # val_psnr, val_usage, ... by training step; a study's pruner may stop the trial here.
+    for k, v in res.items():
+        ctx.report(f"val_{k}", v, step)
     n = min(grid_images, len(val_dataset))
     images = torch.stack([val_dataset[i][0] for i in range(n)]).to(ctx.device)
     with torch.no_grad():
