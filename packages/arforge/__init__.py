@@ -34,19 +34,25 @@ _API = {
     "ArforgeError": "arforge.errors",
 }
 
+#: Sub-modules a notebook reaches as ``arforge.<name>`` without importing them first
+#: (``arforge.registry.get("guidance", "cfg_linear")``).
+_SUBMODULES = ("api", "registry", "checkpoint", "tracking", "launch", "generation", "guidance", "viz")
+
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"arforge.{name}")  # the import binds it in this namespace
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'arforge' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))
