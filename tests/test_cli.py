@@ -224,3 +224,25 @@ def test_ui_marks_experiments_for_the_model_training_view():
     cli._tag_training_view(tracking.tracking_uri())
     tags = MlflowClient(tracking_uri=tracking.tracking_uri()).get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_serve_kills_a_server_that_ignores_sigterm():
+    """After the grace period the server's process group gets SIGKILL: nothing outlives `arforge ui`."""
+    server = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+              "time.sleep(120)")
+    code = f"import sys; from arforge import cli; sys.exit(cli.serve([sys.executable, '-c', {server!r}], grace=0.5))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"  # the server started, its SIGTERM handler set
+        children = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped the MLflow server (SIGTERM)" in err, err
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children and not [p for p in children if _alive(p)]

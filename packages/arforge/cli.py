@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Sequence
@@ -275,13 +276,17 @@ def serve(cmd: Sequence[str], *, env: dict[str, str] | None = None, grace: float
         _signal_group(proc, signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    kill_at = None
     try:
-        while True:
+        while True:  # short waits: a signal handled meanwhile starts the grace period
             try:
-                code = proc.wait(timeout=grace if received else None)
+                code = proc.wait(timeout=0.2)
                 break
-            except subprocess.TimeoutExpired:  # asked to stop, still running after the grace period
-                _signal_group(proc, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                if received and kill_at is None:
+                    kill_at = time.monotonic() + grace
+                if kill_at is not None and time.monotonic() > kill_at:  # asked to stop, still running
+                    _signal_group(proc, signal.SIGKILL)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
