@@ -199,3 +199,25 @@ def test_import_arforge_is_cheap():
             "assert not heavy, heavy; assert callable(arforge.load) and 'load' in dir(arforge); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@plumbing
+def test_runs_recorded_before_the_guidance_rename_still_load(outside, tiny_home):
+    """Runs made when the guidance kind was called `samplers` (jobs.sample.sampler) load with their schedule."""
+    import shutil
+
+    import arforge
+
+    stages = tiny_home / "outputs/quickstart/pipeline"
+    old = tiny_home / "outputs/legacy/sample"  # outside the pipeline, whose other tests load its newest sample stage
+    shutil.copytree(stages / "sample", old)
+    state = json.loads((old / "run.json").read_text())
+    renamed = {}
+    for key, value in state["bindings"].items():
+        key = key.replace("guidance.", "samplers.").replace("jobs.sample.guidance", "jobs.sample.sampler")
+        renamed[key] = value.replace("@guidance.", "@samplers.").replace("'pipeline:", "'outputs:quickstart/pipeline/")
+    assert "jobs.sample.sampler" in renamed and "samplers.cfg_linear.end" in renamed
+    (old / "run.json").write_text(json.dumps({**state, "bindings": renamed}))
+    run = arforge.load("legacy/sample", device="cpu")
+    assert type(run.guidance).__name__ == "LinearCFG" and "1.5" in repr(run.guidance)
+    assert run.checkpoints["model"].startswith(str(stages / "ar/checkpoints/step_00000003"))
