@@ -73,9 +73,10 @@ class LoadError(ArforgeError):
 class Samples:
     """Generated images, with the classes and settings that made them.
 
-    ``images`` is uint8 (B, H, W, 3); sample i depends only on (``seed``, i, its class) and the
-    guidance, not on the batch it was decoded in (one random stream per sample, as
-    ``jobs.sample`` seeds them: :func:`arforge.sampling_job.sample_seed`).
+    ``images`` is uint8 (B, H, W, 3). Sample i draws from its own random stream, seeded by
+    (``seed``, i) as ``jobs.sample`` seeds its samples (:func:`arforge.sampling_job.sample_seed`),
+    so it does not depend on the other samples or the batch size, up to the floating-point
+    differences some kernels show between batch shapes.
     """
 
     images: "torch.Tensor"  #: uint8 (B, H, W, 3)
@@ -115,18 +116,13 @@ class Reconstruction:
         return [Image.fromarray(im) for im in self.images.cpu().numpy()]
 
     def grid(self, *, nrow: int | None = None) -> "Image.Image":
-        """Originals on the first row(s), their reconstructions below, in the same columns."""
-        import torch
+        """Each row of originals with their reconstructions right below, ``nrow`` per row (default up to 8)."""
+        from arforge.viz import reconstruction_grid
 
-        n = int(self.images.shape[0])
-        nrow = nrow or min(n, 8)
-        rows = []
-        for start in range(0, n, nrow):  # pairs of rows: originals, then reconstructions
-            rows += [self.originals[start:start + nrow], self.images[start:start + nrow]]
-        if n % nrow:  # pad the last pair so both rows keep their columns
-            pad = nrow - n % nrow
-            rows[-2:] = [torch.cat([r, torch.full((pad, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows[-2:]]
-        return _grid(torch.cat(rows), nrow=nrow)
+        def signed(u8: "torch.Tensor") -> "torch.Tensor":  # uint8 NHWC -> [-1, 1] NCHW, which to_uint8 inverts exactly
+            return u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+        return reconstruction_grid(signed(self.originals), signed(self.images), per_row=nrow or 8)
 
     def _repr_png_(self) -> bytes:
         return _png(self.grid())
