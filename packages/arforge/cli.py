@@ -209,7 +209,7 @@ _HINTED: set[str] = set()
 def ui_hint(experiment: str | None = None) -> str | None:
     """Where to look at the runs, once per process (a study's trials, a pipeline's stages and the
     launch around them would each repeat it): None after the first call."""
-    if "ui" in _HINTED:
+    if "ui" in _HINTED or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
         return None
     _HINTED.add("ui")
     from arforge import tracking
