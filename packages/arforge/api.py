@@ -309,7 +309,9 @@ def _parse_bindings(bindings: Mapping[str, str], *, where: Path) -> None:
     from arforge import launch
     from arforge.errors import ConfigError
 
-    lines = [f"{_binding_line(k)} = {v}" for k, v in bindings.items()]
+    # A value gin could not write back as text is recorded as null: it cannot be rebuilt from
+    # run.json, and the component's default is all a later parse could give it.
+    lines = [f"{_binding_line(k)} = {v}" for k, v in bindings.items() if v is not None]
     try:
         launch.parse(None, lines)
     except ConfigError as exc:
