@@ -20,7 +20,6 @@ time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,23 +54,14 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
     # every stage); experiment, run_name, job, output_dir and resume are each stage's own.
     forwarded = [b for b in ctx.extra.get("bindings", []) if _forwarded(b)]
     results: dict[str, Any] = {}
-    previous_dir = os.environ.get("ARFORGE_PIPELINE_DIR")
-    os.environ["ARFORGE_PIPELINE_DIR"] = str(ctx.output_dir)  # resolves "pipeline:<file>" paths
-    try:
-        _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results)
-    finally:
-        if previous_dir is None:
-            os.environ.pop("ARFORGE_PIPELINE_DIR", None)
-        else:
-            os.environ["ARFORGE_PIPELINE_DIR"] = previous_dir
     from arforge import tracking
 
-    ctx.log(f"outputs (checkpoints, codes, samples) in {ctx.output_dir}")
-    from arforge.cli import ui_hint
+    with tracking.path_scope(pipeline_dir=ctx.output_dir):  # "pipeline:<file>" paths and stage folders
+        _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results)
 
-    hint = ui_hint(ctx.experiment)  # once per process: not again for every study trial
-    if hint:
-        ctx.log(hint)
+    ctx.log(f"outputs (checkpoints, codes, samples) in {ctx.output_dir}")
+    ctx.log(f"runs, metrics and pictures in {tracking.tracking_uri()}; open them with `arforge ui` "
+            f"(http://127.0.0.1:5000, experiment {ctx.experiment!r})")
     return results
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from arforge.errors import ArforgeError
 
+import contextvars
 import difflib
 import io
 import json
@@ -31,6 +32,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -63,6 +65,44 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class PathScope:
+    """Where ``pipeline:`` paths point: the enclosing ``jobs.pipeline`` run's folder, or the
+    launch's experiment folder outside a pipeline (see :func:`resolve_path`)."""
+
+    experiment: str | None = None
+    pipeline_dir: Path | None = None
+
+
+# Components resolve "pipeline:" paths while gin builds them (a dataset's root, a loader's
+# checkpoint), long after the launch that knows the folder and with no run context to receive
+# it; the launch and jobs.pipeline open a scope around what they run instead. A context
+# variable, unlike the environment, ends with the launch that set it and stays in this process.
+_PATH_SCOPE: contextvars.ContextVar[PathScope] = contextvars.ContextVar("arforge_path_scope",
+                                                                         default=PathScope())
+
+
+@contextmanager
+def path_scope(*, experiment: str | None = None, pipeline_dir: str | os.PathLike | None = None) -> Iterator[PathScope]:
+    """Resolve ``pipeline:`` paths under ``pipeline_dir`` (or the ``experiment``'s folder) inside
+    this block; what is not given is kept from the enclosing scope (a pipeline's stages)."""
+    scope = _PATH_SCOPE.get()
+    if experiment is not None:
+        scope = replace(scope, experiment=experiment)
+    if pipeline_dir is not None:
+        scope = replace(scope, pipeline_dir=Path(pipeline_dir))
+    token = _PATH_SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _PATH_SCOPE.reset(token)
+
+
+def pipeline_dir() -> Path | None:
+    """The folder of the enclosing ``jobs.pipeline`` run, if any."""
+    return _PATH_SCOPE.get().pipeline_dir
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """Resolve ``outputs:<experiment>/<run_name>/...`` to the run's output folder.
 
@@ -81,9 +121,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if text.startswith("pipeline:"):
         # Inside jobs.pipeline: the pipeline run's own folder, so that concurrent pipelines (study
         # trials) never share files; outside one: the launch's experiment folder.
-        base = os.environ.get("ARFORGE_PIPELINE_DIR")
-        if not base:
-            base = str(home() / "outputs" / os.environ.get("ARFORGE_EXPERIMENT", "default"))
+        scope = _PATH_SCOPE.get()
+        base = scope.pipeline_dir or home() / "outputs" / (scope.experiment or "default")
         return Path(base) / text[len("pipeline:"):].lstrip("/")
     return Path(path)
 
