@@ -60,8 +60,11 @@ def pipeline(ctx, *, stages: Sequence[str], bindings: Sequence[str] = (), only: 
         _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results)
 
     ctx.log(f"outputs (checkpoints, codes, samples) in {ctx.output_dir}")
-    ctx.log(f"runs, metrics and pictures in {tracking.tracking_uri()}; open them with `arforge ui` "
-            f"(http://127.0.0.1:5000, experiment {ctx.experiment!r})")
+    from arforge.cli import ui_hint
+
+    hint = ui_hint(ctx.experiment)  # once per process: not again for every study trial
+    if hint:
+        ctx.log(hint)
     return results
 
 
