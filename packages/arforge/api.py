@@ -312,6 +312,10 @@ def _parse_bindings(bindings: Mapping[str, str], *, where: Path) -> None:
     # A value gin could not write back as text is recorded as null: it cannot be rebuilt from
     # run.json, and the component's default is all a later parse could give it.
     lines = [f"{_binding_line(k)} = {v}" for k, v in bindings.items() if v is not None]
+    unwritable = [k for k, v in bindings.items() if v is None]
+    if unwritable:
+        print(f"arforge.load: {where} records no gin text for {', '.join(unwritable)}; "
+              "they take their defaults", flush=True)
     try:
         launch.parse(None, lines)
     except ConfigError as exc:
