@@ -21,6 +21,7 @@ as LPIPS or Inception weights) are not built.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,6 +75,32 @@ def _macro(name: str) -> Any:
         return None
 
 
+_MACRO_LINE = re.compile(r"^([A-Za-z_][\w./]*) = ")
+
+
+def _component_macros() -> dict[str, Any]:
+    """Every macro whose value is a component this dry run builds (``MODEL = @models.x()``,
+    ``TOKENIZER = @loaders.y()``), by name: whatever a file calls them, they name the model and
+    the tokenizer whose sizes must agree even where the job reaches them only through a loader."""
+    text = gin.config_str()  # gin's public view lists the macros first, one unindented line each
+    names: list[str] = []
+    if "# Macros:" in text:
+        block = text.split("# Macros:", 1)[1].split("\n\n", 1)[0]
+        names = [m.group(1) for line in block.splitlines() if (m := _MACRO_LINE.match(line))]
+    out = {}
+    for name in names:
+        ref = _macro(name)
+        if isinstance(ref, gin.config.ConfigurableReference) and _builds(ref):
+            out[name] = ref
+    return out
+
+
+def _builds(ref: Any) -> bool:
+    """Whether :func:`_build` builds ``ref`` (a component of a built kind, or a loader's module)."""
+    kind = _selector(ref).split(".")[0]
+    return kind in BUILT_KINDS or kind == "loaders"
+
+
 def dry_run(config_file: str | Path, bindings: Sequence[str] = ()) -> DryRunReport:
     """Check a launch file (and a pipeline's stages); raise :class:`ConfigError` on a problem."""
     from arforge import launch
@@ -87,11 +114,9 @@ def dry_run(config_file: str | Path, bindings: Sequence[str] = ()) -> DryRunRepo
         # A preset or shared file (no launch): build and check what it defines.
         report = DryRunReport(file=where, job="(no launch: preset)")
         built = {}
-        for macro in ("MODEL", "TOKENIZER"):
-            ref = _macro(macro)
-            if isinstance(ref, gin.config.ConfigurableReference):
-                built[macro.lower()] = _build(ref)
-                report.built[f"%{macro}"] = type(built[macro.lower()]).__name__
+        for macro, ref in _component_macros().items():
+            built[macro.lower()] = _build(ref)
+            report.built[f"%{macro}"] = type(built[macro.lower()]).__name__
         _check(report, {k: v for k, v in built.items() if v is not None}, where)
         return report
     try:
@@ -99,12 +124,9 @@ def dry_run(config_file: str | Path, bindings: Sequence[str] = ()) -> DryRunRepo
     except ValueError:
         raise ConfigError(f"{where}: missing required value arforge.launch.experiment") from None
     job_selector = job_ref.selector if hasattr(job_ref, "selector") else _selector(job_ref)
-    fn = gin.config._REGISTRY.get_match(job_selector).wrapped  # noqa: SLF001
+    fn = gin.get_configurable(job_selector)  # a function: gin's wrapper keeps its signature
     report = DryRunReport(file=where, job=job_selector)
-    bound = {}
-    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
-        if selector == job_selector and not scope:
-            bound.update(params)
+    bound = gin.get_bindings(job_selector, resolve_references=False, inherit_scopes=False)
     missing = [n for n, p in inspect.signature(fn).parameters.items()
                if p.kind == p.KEYWORD_ONLY and p.default is inspect.Parameter.empty and n not in bound]
     if missing:
@@ -124,9 +146,8 @@ def dry_run(config_file: str | Path, bindings: Sequence[str] = ()) -> DryRunRepo
             if obj is not None:
                 built[name] = obj
                 report.built[name] = type(obj).__name__
-    for macro in ("MODEL", "TOKENIZER"):
-        ref = _macro(macro)
-        if isinstance(ref, gin.config.ConfigurableReference) and macro.lower() not in built:
+    for macro, ref in _component_macros().items():
+        if macro.lower() not in built:
             obj = _build(ref)
             if obj is not None:
                 built[macro.lower()] = obj
