@@ -87,8 +87,11 @@ def check_launch_file(value: str, *, what: str = "launch file",
 
 
 def check_bindings(bindings: Sequence[str]) -> None:
-    """Each --bind must read ``name.param = value`` (gin checks the rest, after its import)."""
+    """Each --bind must read ``name.param = value`` or be a gin ``include``/``import`` statement
+    (gin checks the rest, after its import)."""
     for b in bindings:
+        if b.lstrip().startswith(("include ", "import ", "from ")):
+            continue
         name, eq, value = b.partition("=")
         if not eq or not name.strip() or not value.strip():
             raise UsageError(f"--bind {b!r} is not a binding: write it as 'name.param = value', "
