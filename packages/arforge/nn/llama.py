@@ -2,11 +2,11 @@
 
 LlamaGen, IAR, Open-MAGVIT2 and IAR2 all use LlamaGen's block code
 (docs/llamagen.md#llama-backbone): pre-norm blocks of fused-``wqkv`` attention
-with 2D RoPE and a SwiGLU FFN. This module holds those blocks, the 2D rotary
-table with its two upstream quirks (docs/llamagen.md#2d-rope zero class rotation, docs/iar2.md#the-repeat-interleaved-rope-table IAR2's
-``repeat_interleave``), the static KV cache (docs/llamagen.md#kv-cache), the class embedder with label
+with 2D RoPE and a SwiGLU FFN. This module holds those blocks, the class embedder with label
 dropout (docs/llamagen.md#class-conditioning) and :class:`LlamaBackbone`, the decoder stack with a training
-``forward`` (causal SDPA) and a cached ``step`` for decoding.
+``forward`` (causal SDPA) and a cached ``step`` for decoding. The 2D rotary table with its two
+upstream quirks is :mod:`arforge.nn.rope` (docs/llamagen.md#2d-rope), the static KV cache
+:mod:`arforge.nn.kv_cache` (docs/llamagen.md#kv-cache).
 
 Attribute names follow upstream (``attention.wqkv``, ``feed_forward.w1`` ...)
 so that the official checkpoints map onto them by renaming prefixes only
@@ -27,6 +27,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from arforge.device import at_least_fp32
+# The rotary table and the KV cache have their own modules; their names stay importable from here.
+from arforge.nn.kv_cache import KVCache, canonical_device
+from arforge.nn.rope import (RotaryTableMixin, SubtokenRotaryMixin, apply_rotary_emb, precompute_freqs_cis_2d,
+                             subtoken_freqs_cis)
 
 __all__ = [
     "find_multiple",
@@ -97,154 +101,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
-
-
-# ====================================================================== rope
-def precompute_freqs_cis_2d(*, grid_size: int, head_dim: int, base: float = 10000.0,
-                            cls_token_num: int = 1, cls_zero_rotation: bool = True,
-                            repeat_interleave: bool = False) -> torch.Tensor:
-    """The 2D rotary table (docs/llamagen.md#2d-rope), shape (cls_token_num + g*g, hd/2, 2).
-
-    Row ``cls_token_num + p`` holds (cos, sin) of cell p = r*g + c: the first hd/4
-    pairs rotate by r·ω_k and the last hd/4 by c·ω_k, ω_k = base^(-2k/(hd/2)).
-
-    ``cls_zero_rotation`` (docs/llamagen.md#2d-rope, upstream default): the class rows are (0, 0), so the
-    class token's q and k are zero vectors; ``False`` gives them the identity (1, 0).
-    ``repeat_interleave`` (docs/iar2.md#the-repeat-interleaved-rope-table, IAR2 checkpoints): the grid rows are repeated twice
-    so that row cls + p holds cell ⌊p/2⌋ (token t rotates by cell ⌊t/2⌋). Upstream's
-    table then has 2·g² grid rows of which only the first g² are ever used; this
-    table keeps those g², so every variant has the same shape.
-    """
-    if head_dim % 4:
-        raise ValueError(f"2D RoPE needs a head dimension divisible by 4 (got {head_dim})")
-    half = head_dim // 2
-    # exactly upstream's fp32 arithmetic, so the official weights see the same angles
-    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (hd/4,)
-    t = torch.arange(grid_size, device=freqs.device).float()
-    freqs = torch.outer(t, freqs)  # (g, hd/4)
-    freqs_grid = torch.cat([
-        freqs[:, None, :].expand(-1, grid_size, -1),  # row index in the first half
-        freqs[None, :, :].expand(grid_size, -1, -1),  # column index in the second half
-    ], dim=-1)  # (g, g, hd/2)
-    cache = torch.stack([torch.cos(freqs_grid), torch.sin(freqs_grid)], dim=-1)  # (g, g, hd/2, 2)
-    cache = cache.flatten(0, 1)  # (g*g, hd/2, 2), row-major cells
-    if repeat_interleave:
-        cache = cache.repeat_interleave(2, dim=0)[: grid_size * grid_size]  # (g*g, hd/2, 2): row p -> cell p//2
-    cls = torch.zeros(cls_token_num, half, 2, device=freqs.device)
-    if not cls_zero_rotation:
-        cls[..., 0] = 1.0  # identity rotation: the class token's q/k pass unrotated
-    return torch.cat([cls, cache])  # (cls + g*g, hd/2, 2)
-
-
-def subtoken_freqs_cis(*, n_slots: int, head_dim: int, base: float = 10000.0, cls_zero_rotation: bool = True,
-                       repeat_interleave: bool = False) -> torch.Tensor:
-    """Rows 0 … n_slots-1 of the 2D table, as used inside the sub-token heads (docs/open_magvit2.md#next-sub-token-head).
-
-    Open-MAGVIT2's intra transformer uses rows 0–1 (zero, identity); IAR2's head
-    rows 0–2 under ``repeat_interleave`` (zero, identity, identity). Without the
-    IAR2 quirk row 2 would be cell 1 = (0, 1), a column rotation.
-    """
-    table = precompute_freqs_cis_2d(grid_size=max(n_slots, 2), head_dim=head_dim, base=base, cls_token_num=1,
-                                    cls_zero_rotation=cls_zero_rotation, repeat_interleave=repeat_interleave)
-    return table[:n_slots].clone()  # (n_slots, hd/2, 2)
-
-
-class RotaryTableMixin:
-    """Keeps a module's ``freqs_cis`` buffer in fp32 when the module is cast.
-
-    Upstream keeps the table a plain fp32 attribute, so casting the GPT to bf16
-    for sampling (docs/llamagen.md#sampling) leaves the angles exact; a buffer would be cast too.
-    The module rebuilds the table (``_table()``) whenever a cast changed its dtype.
-    """
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != torch.float32:
-            self.freqs_cis = self._table().to(self.freqs_cis.device)
-        return out
-
-
-class SubtokenRotaryMixin(RotaryTableMixin):
-    """The rotary table of a sub-token head's slots (docs/open_magvit2.md#next-sub-token-head), rebuilt when a quirk flag changes.
-
-    The head sets ``n_slots``, ``head_dim``, ``rope_base``, ``cls_zero_rotation`` and
-    ``rope_repeat_interleave``; loading IAR2 weights turns ``repeat_interleave`` on.
-    """
-
-    def _table(self) -> torch.Tensor:
-        return subtoken_freqs_cis(n_slots=self.n_slots, head_dim=self.head_dim, base=self.rope_base,
-                                  cls_zero_rotation=self.cls_zero_rotation,
-                                  repeat_interleave=self.rope_repeat_interleave)
-
-    def configure_rope(self, *, cls_zero_rotation: bool | None = None, repeat_interleave: bool | None = None) -> None:
-        if cls_zero_rotation is not None:
-            self.cls_zero_rotation = cls_zero_rotation
-        if repeat_interleave is not None:
-            self.rope_repeat_interleave = repeat_interleave
-        self.freqs_cis = self._table().to(self.freqs_cis.device)
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs (2j, 2j+1) (docs/llamagen.md#2d-rope, gpt-fast/Meta interleaved convention).
-
-    x: (B, T, H, hd); freqs_cis: (T, hd/2, 2). Computed in fp32 and cast back to
-    x's dtype (LlamaGen/IAR2; Open-MAGVIT2 keeps fp32, identical in fp32 runs).
-    """
-    xs = at_least_fp32(x).reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)  # (1, T, 1, hd/2, 2)
-    out = torch.stack([
-        xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-        xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1],
-    ], dim=-1)  # (B, T, H, hd/2, 2)
-    return out.flatten(3).type_as(x)  # (B, T, H, hd)
-
-
-# ================================================================= kv cache
-def canonical_device(device: torch.device | str) -> torch.device:
-    """``"cuda"`` -> ``cuda:0`` etc., so cache reuse compares like with like."""
-    return torch.empty(0, device=device).device
-
-
-class KVCache(nn.Module):
-    """A static per-layer key/value cache (docs/llamagen.md#kv-cache).
-
-    Allocated once at (B_max, H_kv, S_max, hd) and kept out of the persistent
-    state (non-persistent buffers, so they move with ``.to()`` but never reach a
-    state dict). Decoding writes positions in order and attends only over the
-    filled prefix [0, pos + T): upstream attends over all S_max slots under a mask,
-    which docs/llamagen.md#kv-cache measured to cost ~25 ms per IAR2 step.
-    """
-
-    def __init__(self, *, max_batch: int, n_kv_head: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
-        super().__init__()
-        shape = (max_batch, n_kv_head, max_seq_len, head_dim)  # (B_max, H_kv, S_max, hd)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @property
-    def max_batch(self) -> int:
-        return self.k_cache.shape[0]
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k_cache.shape[2]
-
-    def matches(self, *, max_batch: int, max_seq_len: int, dtype: torch.dtype,
-                device: torch.device | str) -> bool:
-        return (self.k_cache.shape[0] == max_batch and self.k_cache.shape[2] == max_seq_len
-                and self.k_cache.dtype == dtype and self.k_cache.device == canonical_device(device))
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, hd) at [start, start + T); return the filled prefix views."""
-        b, _, t, _ = k.shape
-        end = start + t
-        if end > self.max_seq_len or b > self.max_batch:
-            raise ValueError(f"KV cache of batch {self.max_batch} and length {self.max_seq_len} cannot hold "
-                             f"batch {b} at positions [{start}, {end}); call setup_caches with larger sizes")
-        self.k_cache[:b, :, start:end].copy_(k)
-        self.v_cache[:b, :, start:end].copy_(v)
-        return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]  # (B, H_kv, end, hd) each
 
 
 # ================================================================ attention
