@@ -14,6 +14,9 @@ def image_grid(images, *, nrow: int, pad: int = 2, pad_value: int = 255, min_cel
     Small images (e.g. 16 px digits) are upscaled with nearest neighbour to at
     least ``min_cell`` pixels so the grid is legible.
     """
+    import torch
+    from torchvision.utils import make_grid
+
     arr = images if isinstance(images, np.ndarray) and images.dtype == np.uint8 else to_uint8(images)
     n, h, w, c = arr.shape
     if n == 0:
@@ -21,13 +24,12 @@ def image_grid(images, *, nrow: int, pad: int = 2, pad_value: int = 255, min_cel
     scale = max(1, int(np.ceil(min_cell / max(h, w))))
     if scale > 1:
         arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-        h, w = h * scale, w * scale
-    ncol = min(nrow, n)
-    rows = int(np.ceil(n / ncol))
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[i]
+    cells = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    if n == 1:  # make_grid returns a lone image as it is; frame it like every other grid
+        grid = torch.nn.functional.pad(cells[0], (pad, pad, pad, pad), value=pad_value)  # (C, H + 2p, W + 2p)
+    else:
+        grid = make_grid(cells, nrow=min(nrow, n), padding=pad, pad_value=pad_value)  # (3 or C, H', W') uint8
+    grid = grid[:c].permute(1, 2, 0).numpy()  # make_grid repeats a grey channel three times; keep one
     return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
 
