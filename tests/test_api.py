@@ -126,6 +126,13 @@ def test_every_way_of_naming_a_run(outside, tiny_home):
     assert ar.checkpoints["tokenizer"].startswith(str(stages / "tokenizer/checkpoints/step_00000003"))
     assert len(ar.generate(classes=5, guidance=None)) == 1
 
+    # A sample launch file: its checkpoint paths resolve under home=, from this working directory.
+    launch_file = arforge.load(REPO / "experiments/quickstart/6_sample.gin", home=tiny_home, device="cpu", bind=[
+        'AR_CHECKPOINT = "outputs:quickstart/pipeline/ar/checkpoints"',
+        'TOKENIZER_CHECKPOINT = "outputs:quickstart/pipeline/tokenizer/checkpoints"'])
+    assert launch_file.job == "sample" and launch_file.run_dir is None
+    assert launch_file.checkpoints["model"].startswith(str(stages / "ar/checkpoints/step_00000003"))
+
     tok = arforge.load("quickstart/pipeline/tokenizer", device="cpu")
     assert tok.model is None and tok.job == "train_tokenizer"
     with pytest.raises(arforge.LoadError, match="holds no AR model"):

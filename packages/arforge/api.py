@@ -251,18 +251,20 @@ def _home_of(run_dir: Path) -> Path | None:
 
 # ============================================================================ gin state
 @contextlib.contextmanager
-def _run_env(run_dir: Path | None, experiment: str | None) -> Iterator[None]:
+def _run_env(run_dir: Path | None, experiment: str | None, *,
+             home: str | os.PathLike | None = None) -> Iterator[None]:
     """``outputs:``/``pipeline:`` paths resolve as they did for the run: against its home, its
-    pipeline folder (the run folder's parent: a pipeline's, or the experiment's for a lone stage)."""
+    pipeline folder (the run folder's parent: a pipeline's, or the experiment's for a lone stage).
+    Without a run folder (a launch file), against ``home`` and the experiment's folder, as a launch would."""
     from arforge import tracking
 
     saved = {k: os.environ.get(k) for k in ("ARFORGE_HOME", "ARFORGE_PIPELINE_DIR", "ARFORGE_EXPERIMENT")}
     pipeline_dir = run_dir.parent if run_dir is not None else None
     try:
-        if run_dir is not None:
-            home = _home_of(run_dir)
-            if home is not None:
-                os.environ["ARFORGE_HOME"] = str(home)
+        home = _home_of(run_dir) if run_dir is not None else home
+        if home is not None:
+            os.environ["ARFORGE_HOME"] = str(home)
+        if pipeline_dir is not None:
             os.environ["ARFORGE_PIPELINE_DIR"] = str(pipeline_dir)
         if experiment:
             os.environ["ARFORGE_EXPERIMENT"] = experiment
@@ -466,7 +468,9 @@ def _load_launch_file(path: Path, bind: list[str], *, weights: str, home: str | 
             raise LoadError(f"{path} is a launch file of jobs.{job}; its run {run_dir} has not run yet "
                             f"(no run.json). Run it first: arforge run {path}")
         return _load_run(run_dir, weights=weights, source=str(path))
-    model, tokenizer, guidance, sampling, filled = _build_sample_job(path, weights=weights)
+    experiment = str(_build("arforge.launch.experiment")) if _has("arforge.launch.experiment") else None
+    with _run_env(None, experiment, home=home):
+        model, tokenizer, guidance, sampling, filled = _build_sample_job(path, weights=weights)
     return LoadedRun(model=model, tokenizer=tokenizer, config=bindings, source=str(path), job=job,
                      guidance=guidance, sampling=sampling, checkpoints=filled)
 
