@@ -18,7 +18,9 @@ PRESETS = sorted((REPO / "gin" / "models").glob("*.gin"))
 #: docs/llamagen.md#model-sizes tables (computed counts, in millions; RoPE tables are buffers, not parameters).
 EXPECTED_M = {"llamagen_b": 110.9, "llamagen_l": 342.9, "llamagen_xl": 774.7, "llamagen_xxl": 1411.0,
               "llamagen_3b": 3097.0, "open_magvit2_b": 343.6, "open_magvit2_l": 804.4, "open_magvit2_xl": 1487.0,
-              "iar2_b": 143.1, "iar2_l": 408.2, "iar2_xl": 884.3, "iar2_xxl": 1570.0}
+              "iar2_b": 143.1, "iar2_l": 408.2, "iar2_xl": 884.3, "iar2_xxl": 1570.0,
+              # IAR reorders the codebook and adds a loss: LlamaGen's GPT, parameter for parameter
+              "iar_b": 110.9, "iar_l": 342.9, "iar_xl": 774.7, "iar_xxl": 1411.0}
 
 
 @pytest.mark.parametrize("path", [p for p in PRESETS if not p.stem.startswith("tiny")], ids=lambda p: p.stem)

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Cluster a VQ codebook with IAR's balanced k-means and write the reordered codebook and mapping.
 
+The file-to-file form of ``jobs.cluster_codebook`` (the pipeline stage, same function:
+``arforge_plugins.clustering.cluster_job.cluster_state``).
+
 See docs/iar.md#codebook-clustering (IAR ``balance_k_means.py``). Reads the
 codebook from
 
@@ -34,7 +37,7 @@ import torch
 from arforge.checkpoint import (CheckpointError, load_checkpoint, load_foreign, load_weights, save_weights,
                                 strip_wrapper_prefixes, unwrap_container)
 from arforge.errors import ArforgeError
-from arforge_plugins.clustering.balanced_kmeans import balanced_kmeans, reorder_codebook
+from arforge_plugins.clustering.cluster_job import cluster_state
 
 CODEBOOK_SUFFIXES = ("quantize.embedding.weight", "embedding.weight")
 
@@ -87,10 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         state, source = read_state(args.input, args.entry)
         key = find_codebook_key(state, args.key, source)
         codebook = state[key]
-        if codebook.ndim != 2 or codebook.shape[0] != args.clusters * args.cluster_size:
-            raise ArforgeError(f"{source}: {key} has shape {tuple(codebook.shape)}, but --clusters x "
-                               f"--cluster-size = {args.clusters} x {args.cluster_size} = "
-                               f"{args.clusters * args.cluster_size} rows are needed")
         print(f"codebook {key} {tuple(codebook.shape)} from {source}")
         bar = tqdm(total=args.max_iter, desc="balanced k-means", unit="it")
 
@@ -98,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             bar.set_postfix(intra_mse=f"{mse:.4f}")
 
-        result = balanced_kmeans(codebook, args.clusters, args.cluster_size, seed=args.seed,
-                                 max_iter=args.max_iter, normalize=not args.no_normalize, callback=progress)
-        bar.close()
-
-        reordered = dict(state)
-        reordered[key] = reorder_codebook(codebook, result)
+        # The same function jobs.cluster_codebook runs as a pipeline stage.
+        try:
+            reordered, result = cluster_state(state, key, clusters=args.clusters, cluster_size=args.cluster_size,
+                                              seed=args.seed, max_iter=args.max_iter,
+                                              normalize=not args.no_normalize, source=source, callback=progress)
+        finally:
+            bar.close()
         out_dir = args.output_dir or (args.input if args.input.is_dir() else args.input.parent)
         tag = f"kmeans+nearest-cluster_size={args.cluster_size}"
         stem = args.input.name if args.input.is_dir() else args.input.stem

@@ -380,7 +380,9 @@ def _uniform(seed: int, epoch: int, index: int, stream: int) -> float:
 def _load_remap(remap: Any) -> np.ndarray:
     source = "the remap tensor"
     if isinstance(remap, (str, os.PathLike)):
-        path = Path(remap).expanduser()
+        from arforge.tracking import resolve_path  # "pipeline:cluster/mapping.npy" from jobs.cluster_codebook
+
+        path = resolve_path(remap).expanduser()
         source = str(path)
         if not path.is_file():
             raise DataError(f"remap file {path} does not exist (IAR's mapping-*.pt, mapping[old id] = new id)")
