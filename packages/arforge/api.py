@@ -465,8 +465,9 @@ def _load_launch_file(path: Path, bind: list[str], *, weights: str, home: str | 
         if home is not None and not out:
             run_dir = Path(home) / "outputs" / run_dir.parent.name / run_dir.name
         if not (run_dir / "run.json").is_file():
-            raise LoadError(f"{path} is a launch file of jobs.{job}; its run {run_dir} has not run yet "
-                            f"(no run.json). Run it first: arforge run {path}")
+            raise LoadError(f"{path} is a launch file of jobs.{job}, whose run would be {run_dir}, which holds no "
+                            f"run.json: run it first (arforge run {path}); if it ran as a stage of a pipeline, load "
+                            f"the pipeline or the stage ('{experiment}/<pipeline run>/{run_name}')")
         return _load_run(run_dir, weights=weights, source=str(path))
     experiment = str(_build("arforge.launch.experiment")) if _has("arforge.launch.experiment") else None
     with _run_env(None, experiment, home=home):
