@@ -91,6 +91,10 @@ def evaluation(world: tl.World, side: int) -> dict[str, Path]:
 def bindings(lf: tl.LaunchFile, world: tl.World) -> list[str]:
     launch = target(lf)
     binds = list(tl.module_for(launch).bindings(launch, world))
+    if "IMAGENET_VAL" in Path(lf.path).read_text():  # a tokenizer study's validation images
+        from tiny_launches import _imagenet as im
+
+        binds.append(f'IMAGENET_VAL = "{im.image_folder(world)}"')
     if any(s.job == "jobs.evaluate_samples" for s in _stages(launch)):
         files = evaluation(world, _sample_side(binds))
         binds += [f'REFERENCE = "{files["reference"]}"',
