@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from arforge.ar_model import subtoken_loss
 from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
@@ -210,8 +209,7 @@ def train_ar(
                              "num_params": inner.num_params()},
                      lr_options={"jobs.train_ar.lr": lr})
     loop.maybe_resume()
-    names = list(getattr(inner, "subtoken_names", [str(k) for k in range(len(fac.vocab_sizes))]))
-    weights_k = list(loss_weights) if loss_weights is not None else getattr(inner, "loss_weights", None)
+    weights_k = list(loss_weights) if loss_weights is not None else None  # None: the model's own
     if ctx.is_main and loop.step == 0:
         ctx.tracker.log_metrics({"model/params": float(inner.num_params())}, step=0)
     held_out = None
@@ -253,10 +251,8 @@ def train_ar(
             sync = micro == grad_accum - 1 or not hasattr(wrapped, "no_sync")
             ctx_sync = wrapped.no_sync() if not sync else contextlib.nullcontext()
             with ctx_sync, ctx.precision.autocast(device):
-                out = wrapped(sub, labels)
-                lb = subtoken_loss(out.logits, sub, weights=weights_k, names=names,
-                                   cluster_size=getattr(inner, "cluster_size", None),
-                                   cluster_weight=getattr(inner, "cluster_loss_weight", 1.0))
+                out = wrapped(sub, labels)  # through the DDP/FSDP wrapper: its hooks see the forward
+                lb = inner.loss_from_logits(out.logits, sub, weights_k)
             loop.check_finite(lb.total, lb.parts)
             scaler.scale(lb.total / grad_accum).backward()
             for k, v in lb.detached().items():
