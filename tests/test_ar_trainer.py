@@ -20,31 +20,65 @@ from arforge.trainers.ar_trainer import train_ar
 GRID = 4  # 4 x 4 tokens keep every combination cheap
 DIM, HEADS = 32, 4
 
-#: tiny constructor arguments per registered plugin (third-party plugins without an entry are skipped)
+#: Tiny constructor arguments of the built-in plugins of the three kinds an AR model combines. A
+#: registered plugin missing here brings its own through a ``tiny_args`` attribute
+#: (docs/registry.md#contract-tests); one with neither fails the contract, by name.
 QUANTIZER_ARGS = {"vq": dict(codebook_size=32, dim=8), "lfq": dict(bits=10),
                   "semantic_detail": dict(semantic_codebook_size=8, detail_codebook_size=16, dim=8)}
 
 
+def _bit_split(*, codebook_sizes):
+    if len(codebook_sizes) != 1 or codebook_sizes[0] & (codebook_sizes[0] - 1):
+        return None
+    bits = codebook_sizes[0].bit_length() - 1
+    return dict(bits=(bits // 2, bits - bits // 2))
+
+
+#: name -> f(codebook_sizes=...) -> arguments, or None where the factorization does not fit those ids
+FACTORIZATION_ARGS = {
+    "identity": lambda *, codebook_sizes: dict(codebook_size=codebook_sizes[0]) if len(codebook_sizes) == 1 else None,
+    "bit_split": _bit_split,
+    "semantic_detail": lambda *, codebook_sizes: (dict(semantic_size=codebook_sizes[0], detail_size=codebook_sizes[1])
+                                                  if len(codebook_sizes) == 2 else None),
+}
+#: name -> f(vocab_sizes=..., dim=..., n_head=..., grid_size=...) -> arguments, or None where it does not fit
+HEAD_ARGS = {
+    "linear": lambda *, vocab_sizes, dim, **_: dict(dim=dim, vocab_size=vocab_sizes[0]) if len(vocab_sizes) == 1 else None,
+    "next_subtoken": lambda *, vocab_sizes, dim, n_head, **_: (dict(dim=dim, n_layer=1, n_head=n_head,
+                                                                    vocab_sizes=vocab_sizes)
+                                                               if len(vocab_sizes) == 2 else None),
+    "semantic_detail_local": lambda *, vocab_sizes, dim, n_head, grid_size: (
+        dict(dim=dim, n_head=n_head, grid_size=grid_size, n_layer=1, vocab_sizes=vocab_sizes,
+             rope_repeat_interleave=False) if len(vocab_sizes) == 2 else None),
+}
+
+
+class NoTinyArgs(LookupError):
+    pass
+
+
+def _tiny_args(kind, name, table, **context):
+    """The tiny arguments of ``kind.name``: the built-ins' table entry, else the plugin's ``tiny_args``."""
+    if name in table:
+        entry = table[name]
+        return entry(**context) if callable(entry) else entry
+    tiny = getattr(reg.get(kind, name), "tiny_args", None)
+    if tiny is None:
+        raise NoTinyArgs(f"{kind}.{name}: no tiny arguments; give it a tiny_args attribute "
+                         "(docs/registry.md#contract-tests)")
+    return tiny(**context)
+
+
+def quantizer_args(name):
+    return _tiny_args("quantizers", name, QUANTIZER_ARGS)
+
+
 def factorization_args(name, codebook_sizes):
-    if name == "identity" and len(codebook_sizes) == 1:
-        return dict(codebook_size=codebook_sizes[0])
-    if name == "bit_split" and len(codebook_sizes) == 1 and codebook_sizes[0] & (codebook_sizes[0] - 1) == 0:
-        bits = codebook_sizes[0].bit_length() - 1
-        return dict(bits=(bits // 2, bits - bits // 2))
-    if name == "semantic_detail" and len(codebook_sizes) == 2:
-        return dict(semantic_size=codebook_sizes[0], detail_size=codebook_sizes[1])
-    return None
+    return _tiny_args("factorizations", name, FACTORIZATION_ARGS, codebook_sizes=codebook_sizes)
 
 
 def head_args(name, vocab_sizes):
-    if name == "linear" and len(vocab_sizes) == 1:
-        return dict(dim=DIM, vocab_size=vocab_sizes[0])
-    if name == "next_subtoken" and len(vocab_sizes) == 2:
-        return dict(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=vocab_sizes)
-    if name == "semantic_detail_local" and len(vocab_sizes) == 2:
-        return dict(dim=DIM, n_head=HEADS, grid_size=GRID, n_layer=1, vocab_sizes=vocab_sizes,
-                    rope_repeat_interleave=False)
-    return None
+    return _tiny_args("heads", name, HEAD_ARGS, vocab_sizes=vocab_sizes, dim=DIM, n_head=HEADS, grid_size=GRID)
 
 
 def build_model(fac, head, *, dropout=0.1, num_classes=10):
@@ -66,24 +100,37 @@ class CodesDataset(torch.utils.data.Dataset):
 
 
 def _combinations():
+    """Every (quantizer, factorization, head) of registered plugins that fit together, the plugins
+    registered at collection (later tests register toy plugins in this process), and the plugins
+    without tiny arguments."""
     r = reg.load_plugins()
-    combos = []
-    for q in r.names("quantizers"):
-        if q not in QUANTIZER_ARGS:
+    names = {kind: r.names(kind) for kind in ("quantizers", "factorizations", "heads")}
+    combos, missing = [], set()
+    for q in names["quantizers"]:
+        try:
+            quant = r.get("quantizers", q)(**quantizer_args(q))
+        except NoTinyArgs as exc:
+            missing.add(str(exc))
             continue
-        quant = r.get("quantizers", q)(**QUANTIZER_ARGS[q])
-        for f in r.names("factorizations"):
-            fargs = factorization_args(f, tuple(quant.codebook_sizes))
+        for f in names["factorizations"]:
+            try:
+                fargs = factorization_args(f, tuple(quant.codebook_sizes))
+            except NoTinyArgs as exc:
+                missing.add(str(exc))
+                continue
             if fargs is None:
                 continue
             fac = r.get("factorizations", f)(**fargs)
-            for h in r.names("heads"):
-                if head_args(h, tuple(fac.vocab_sizes)) is not None:
-                    combos.append((q, f, h))
-    return combos
+            for h in names["heads"]:
+                try:
+                    if head_args(h, tuple(fac.vocab_sizes)) is not None:
+                        combos.append((q, f, h))
+                except NoTinyArgs as exc:
+                    missing.add(str(exc))
+    return combos, names, sorted(missing)
 
 
-COMBOS = _combinations()
+COMBOS, REGISTERED, NO_TINY_ARGS = _combinations()
 
 
 def test_contract_covers_the_published_and_new_combinations():
@@ -94,12 +141,21 @@ def test_contract_covers_the_published_and_new_combinations():
     assert len(COMBOS) >= 6
 
 
+def test_every_registered_plugin_is_in_the_contract():
+    """No plugin escapes the contract: each has tiny arguments and trains in some combination."""
+    assert not NO_TINY_ARGS, "\n".join(NO_TINY_ARGS)
+    for i, kind in enumerate(("quantizers", "factorizations", "heads")):
+        untested = sorted(set(REGISTERED[kind]) - {combo[i] for combo in COMBOS})
+        assert not untested, (f"{kind} {untested} fit no registered plugins of the other kinds, so no "
+                              "combination trains them; their tiny_args must give sizes that fit one")
+
+
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
 def test_every_compatible_combination_builds_and_trains(combo, tmp_path):
     q, f, h = combo
     r = reg.registry()
     torch.manual_seed(0)
-    quant = r.get("quantizers", q)(**QUANTIZER_ARGS[q])
+    quant = r.get("quantizers", q)(**quantizer_args(q))
     feats = torch.randn(12, quant.dim, GRID, GRID)
     with torch.no_grad():
         codes = quant.eval().encode(feats)  # (12, 16, S): real codes from the quantizer

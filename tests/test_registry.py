@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -106,9 +107,32 @@ def test_broken_plugin_import_names_the_plugin(tmp_path, monkeypatch):
     assert "needs libfoo" in str(err.value)
 
 
+def _declared_entry_points() -> dict[str, dict[str, str]]:
+    """``{distribution: {"<kind>.<name>": "module:attr"}}`` as the two pyproject files declare them."""
+    import tomllib
+
+    out = {}
+    for path in (REPO / "pyproject.toml", REPO / "plugins" / "pyproject.toml"):
+        project = tomllib.loads(path.read_text())["project"]
+        out[project["name"]] = project["entry-points"][reg.ENTRY_POINT_GROUP]
+    return out
+
+
 def test_every_builtin_entry_point_loads_and_is_in_gin():
+    """The registry holds exactly what arforge and arforge-plugins declare, each under its kind in gin."""
     r = reg.load_plugins()
-    for comp in r.all():
-        assert comp.distribution.startswith(("arforge==", "(local)")) or "==" in comp.distribution
-        if callable(comp.obj):
-            assert gin.get_configurable(comp.qualified_name) is not None
+    declared = _declared_entry_points()
+    assert set(declared) == {"arforge", "arforge-plugins"}
+    for dist, entries in declared.items():
+        registered = {c.qualified_name: c for c in r.all() if c.distribution.split("==")[0] == dist}
+        # an entry point added to or dropped from pyproject.toml without reinstalling shows up here
+        assert set(registered) == set(entries), (dist, sorted(set(registered) ^ set(entries)))
+        for qualified, source in entries.items():
+            comp = registered[qualified]
+            assert comp.kind in reg.KINDS and comp.source == source, (qualified, comp.source)
+            module, _, attr = source.partition(":")
+            assert comp.obj is getattr(importlib.import_module(module), attr), qualified
+            configurable = gin.get_configurable(qualified)
+            # gin wraps a function (functools.wraps) and subclasses a class; either way this object
+            assert getattr(configurable, "__wrapped__", None) is comp.obj or (
+                isinstance(configurable, type) and issubclass(configurable, comp.obj)), qualified
