@@ -59,7 +59,9 @@ def _all_selectors() -> list[str]:
     besides the registry's components there are arforge's own (``arforge.launch``, the study's)
     and those a gin file imports, so this one read of gin's registry stays.
     """
-    return list(gin.config._REGISTRY.get_all_matches(""))  # noqa: SLF001
+    # items(), not get_all_matches(""): that returns the configurables, not their names, and
+    # matches no selector for "", so no suggestion was ever made (samplers.x -> guidance.x).
+    return [selector for selector, _ in gin.config._REGISTRY.items()]  # noqa: SLF001
 
 
 #: Parameters no gin file binds: a job's run context, and what :func:`arforge.launch.run_file`
