@@ -209,3 +209,18 @@ def test_each_setting_is_logged_under_its_gin_binding_only():
     assert guidance_params(AdaptiveAttentionCFG(), "g.a")["g.a.sem_end"] == "3.0"  # a default, still one name
     assert guidance_params(NoGuidance(), None) == {"jobs.sample.guidance": "None"}
     assert guidance_params(Spy(ConstantCFG()), None) == {}
+
+
+@pytest.mark.plumbing
+def test_a_gin_file_still_naming_samplers_gets_one_line_suggesting_guidance(tmp_path):
+    """The kind was renamed samplers -> guidance: an old file fails in one line naming the file
+    and the new name, not with gin's traceback."""
+    from arforge import launch
+
+    old = tmp_path / "old.gin"
+    old.write_text("launch.job = @jobs.sample\njobs.sample.guidance = @guidance.cfg_linear()\n"
+                   "samplers.cfg_linear.start = 1.0\n")
+    with pytest.raises(ConfigError) as err:
+        launch.parse(old)
+    msg = str(err.value)
+    assert "\n" not in msg and str(old) in msg and "Did you mean guidance.cfg_linear?" in msg, msg
