@@ -357,3 +357,104 @@ def _gin_repr(value: Any) -> str | None:
             return None
     except Exception:
         return repr(value)
+
+
+# ------------------------------------------------------- what a launch uses
+#: (active scope components, configurable selector): a call gin makes while the launch runs.
+Call = tuple[tuple[str, ...], str]
+
+
+def calls_from_launch() -> set[Call]:
+    """The configurables gin calls for the launch in its current config, each with its scope.
+
+    What gin calls is decided by the configuration alone: ``arforge.launch`` is the one
+    configurable arforge calls by name, and everything else is called because a binding of
+    something already called references it (``@kind.name()``, ``%MACRO``). A scoped reference
+    ``@a/b/x()`` runs ``x`` in exactly the scope ``a/b`` (gin replaces the active scope with the
+    reference's), an unscoped one in its caller's scope; a macro ``%M`` is the scoped reference
+    ``@M/gin.macro()``. Inside a call in scope ``a/b``, gin applies the bindings of scopes ``''``,
+    ``a`` and ``a/b``. Nothing is built.
+    """
+    seen: set[Call] = set()
+    todo: list[Call] = [((), "arforge.launch")]
+    while todo:
+        call = todo.pop()
+        if call in seen:
+            continue
+        seen.add(call)
+        scopes, selector = call
+        for k in range(len(scopes) + 1):
+            try:
+                bound = bindings_of("/".join(scopes[:k]), selector)
+            except (ValueError, KeyError):  # a configurable gin does not know: nothing bound to it
+                continue
+            for value in bound.values():
+                _references(value, scopes, todo)
+    return seen
+
+
+def _references(value: Any, scopes: tuple[str, ...], out: list[Call]) -> None:
+    if isinstance(value, gin.config.ConfigurableReference):
+        own = tuple(value.scopes)
+        out.append((own if own else scopes, value.configurable.selector))
+    elif isinstance(value, (list, tuple, set)):
+        for v in value:
+            _references(v, scopes, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _references(v, scopes, out)
+
+
+def applied(scope: str, selector: str, calls: set[Call]) -> bool:
+    """Whether the bindings of ``scope/selector`` (full selector) apply in one of ``calls``:
+    binding scope ``s`` applies inside a call in scope ``c`` when ``s`` is a prefix of ``c``."""
+    want = tuple(scope.split("/")) if scope else ()
+    return any(sel == selector and c[:len(want)] == want for c, sel in calls)
+
+
+def used_parameters() -> dict[str, str]:
+    """The bindings the launch in gin's config applies, by binding name, values resolved.
+
+    What a run logs as its MLflow params (docs/tracking.md#what-a-run-logs): only the bindings of
+    configurables a launch of this config calls (:func:`calls_from_launch`), so a binding handed to
+    every stage of a pipeline lands on the stages that use it; each under the name a gin file
+    writes (``jobs.train_ar.steps``, ``launch.seed``, ``train/datasets.digits.split``); macros
+    replaced by their values and ``outputs:``/``pipeline:`` paths by the folders they name (call
+    this inside the launch's :func:`arforge.tracking.path_scope`), written as gin writes values.
+    Macro definitions themselves are not listed: their values appear where they are used.
+    """
+    calls = calls_from_launch()
+    out: dict[str, str] = {}
+    # gin lists bindings per configurable but not the bound configurables (see bound_parameters).
+    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
+        if selector == "gin.macro" or not applied(scope, selector, calls):
+            continue
+        name = f"{scope + '/' if scope else ''}{selector.removeprefix('arforge.')}"
+        for param, value in params.items():
+            text = _gin_repr(_resolved(value))
+            if text is not None:
+                out[f"{name}.{param}"] = text
+    return dict(sorted(out.items()))
+
+
+def _resolved(value: Any, depth: int = 0) -> Any:
+    """``value`` with macros replaced by their values and ``outputs:``/``pipeline:`` paths by folders."""
+    if depth > 32:  # a macro cycle: gin reports it when the launch builds it
+        return value
+    if isinstance(value, gin.config.ConfigurableReference) and value.configurable.selector == "gin.macro":
+        macro = value.scoped_selector.rsplit("/", 1)[0]
+        try:
+            return _resolved(gin.query_parameter(f"%{macro}"), depth + 1)
+        except (ValueError, KeyError):
+            return value
+    if isinstance(value, str) and value.startswith(("outputs:", "pipeline:")):
+        from arforge import tracking
+
+        return str(tracking.resolve_path(value))
+    if isinstance(value, list):
+        return [_resolved(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolved(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolved(v, depth + 1) for k, v in value.items()}
+    return value

@@ -36,7 +36,7 @@ from arforge.errors import ArforgeError, ConfigError
 # The gin layer and the run state live in their own modules; their public names stay importable
 # from here, where callers (the CLI, studies, tools, tests) have always found them.
 from arforge.gin_parsing import (ParsedConfig, bound_parameters, check_references, explain_gin_error,  # noqa: F401
-                                 gin_search_paths, parse, repo_root)
+                                 gin_search_paths, parse, repo_root, used_parameters)
 from arforge.run_state import (ARCHITECTURE_KINDS, ARCHITECTURE_PARAMS, RunLock, RunStateError,  # noqa: F401
                                config_changes, format_change, read_run_state, refused_on_resume, tag_key,
                                write_run_state)
@@ -209,6 +209,9 @@ def _launch_locked(job, *, job_name, experiment, run_name, torch_device, prec, d
     if resume == "must" and not resuming:
         raise ConfigError(f"launch.resume = 'must' but {out} holds no unfinished run to resume")
     params = bound_parameters()
+    # What MLflow shows: the bindings this launch's job uses, by binding name, values resolved
+    # (docs/tracking.md#what-a-run-logs); run.json's "bindings" stay the resume's comparison.
+    logged = used_parameters()
     changes: dict[str, tuple[str | None, str | None]] = {}
     if resuming and isinstance(previous.get("bindings"), dict):
         changes = config_changes(previous["bindings"], params)
@@ -258,7 +261,8 @@ def _launch_locked(job, *, job_name, experiment, run_name, torch_device, prec, d
         tracker = tracking.MlflowTracker(run_id)
         out.mkdir(parents=True, exist_ok=True)
         state = {"run_id": run_id, "status": "RUNNING", "experiment": experiment, "run_name": run_name,
-                 "config_file": invocation.config_file, "started": time.time(), "bindings": params}
+                 "config_file": invocation.config_file, "started": time.time(), "bindings": params,
+                 "params": logged}
         if resuming:
             state["first_started"] = previous.get("first_started", previous.get("started"))
             if changes:
@@ -270,6 +274,10 @@ def _launch_locked(job, *, job_name, experiment, run_name, torch_device, prec, d
                   f"{run_id}):", flush=True)
             for k, (o, n) in changes.items():
                 print(f"[{run_name}]   {format_change(k, o, n)}", flush=True)
+        # The tags name what MLflow shows: the params, resolved (a run.json of a launch before
+        # params were kept there has only the bindings to compare).
+        param_changes = (config_changes(previous.get("params") or {}, logged) if resuming and "params" in previous
+                         else changes)
         reg_ = reg.registry()
         config_file = invocation.config_file
         plugin_dists = reg_.distributions()
@@ -284,17 +292,17 @@ def _launch_locked(job, *, job_name, experiment, run_name, torch_device, prec, d
             "torch.version": torch.__version__,
             "arforge.plugins": ", ".join(f"{k}=={v}" if v else k for k, v in sorted(plugin_dists.items())),
             **{tag_key(k): f"{o if o is not None else '(unset)'} -> {n if n is not None else '(unset)'}"[:5000]
-               for k, (o, n) in changes.items()},
+               for k, (o, n) in param_changes.items()},
             **tags,
         })
         if not resuming:
-            tracker.log_params({"gin." + k: v for k, v in params.items()})
+            tracker.log_params(logged)
         else:
-            # Bindings new in this launch have no param yet; changed ones keep their first value
-            # as the param (MLflow params are immutable) and carry old -> new in the tags above.
-            added = {k: n for k, (o, n) in changes.items() if o is None and n is not None}
+            # Params new in this launch are logged; changed ones keep their first value as the
+            # param (MLflow params are immutable) and carry old -> new in the tags above.
+            added = {k: n for k, (o, n) in param_changes.items() if o is None and n is not None}
             if added:
-                tracker.log_params({"gin." + k: v for k, v in added.items()})
+                tracker.log_params(added)
         config_text = gin.config_str()
         tracker.log_text(config_text, "config/config.gin")
     if dist.enabled:

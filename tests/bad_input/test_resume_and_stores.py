@@ -121,7 +121,7 @@ def test_resume_with_a_lower_lr_prints_and_tags_the_change(home, gin_file, capsy
     tags = runs[0].data.tags
     assert tags["resume.changed.jobs.train_tokenizer.lr"] == "0.001 -> 0.0005"
     assert tags["resume.changed.jobs.train_tokenizer.steps"] == "2 -> 3"
-    assert runs[0].data.params["gin.jobs.train_tokenizer.lr"] == "0.001"  # params keep the first value
+    assert runs[0].data.params["jobs.train_tokenizer.lr"] == "0.001"  # params keep the first value
     state = json.loads((_out(home) / "run.json").read_text())
     assert state["status"] == "FINISHED"
     assert state["bindings"]["jobs.train_tokenizer.lr"] == "0.0005"  # the next resume compares with this

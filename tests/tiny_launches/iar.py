@@ -136,9 +136,9 @@ def check_ar(world: tl.World, run, codes: Path, mapping: Path | None, codebook: 
     assert math.isclose(metrics["train/nll"], metrics["train/ce_token"], rel_tol=1e-6), metrics
     assert 0.0 < metrics["train/cce"] < metrics["train/ce_token"], metrics  # log p(cluster) >= log p(token)
     if mapping is None:
-        assert "gin.datasets.token_codes.remap" not in run.data.params, run.data.params
+        assert "datasets.token_codes.remap" not in run.data.params, run.data.params
         return
-    assert "gin.datasets.token_codes.remap" in run.data.params, sorted(run.data.params)  # read through the mapping
+    assert "datasets.token_codes.remap" in run.data.params, sorted(run.data.params)  # read through the mapping
     remap = np.load(mapping)
     seen = TokenCodeDataset(root=codes, remap=mapping, augmentation=0)
     raw = seen.primary  # the stored arrays, before the remap

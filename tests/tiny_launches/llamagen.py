@@ -115,6 +115,6 @@ def expect_shards(lf: tl.LaunchFile, world: tl.World) -> None:
     run = tl.expect_job(lf, world, result)
     im.expect_tokenizer(lf, world, result, run, CODEBOOK_SIZES)  # loader state: 3 batches into the first pass
     params = run.data.params
-    assert params["gin.jobs.train_tokenizer.dataset"] == "@datasets.image_shards()", params
-    assert params["gin.datasets.image_shards.urls"].strip("'\"") == im.image_shards(world).pattern
+    assert params["jobs.train_tokenizer.dataset"] == "@datasets.image_shards()", params
+    assert params["datasets.image_shards.urls"].strip("'\"") == im.image_shards(world).pattern
 

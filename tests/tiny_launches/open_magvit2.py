@@ -253,7 +253,7 @@ def _expect_tokenizer(lf: tl.LaunchFile, world: tl.World, result, run) -> None:
     assert all(k in metrics and math.isfinite(metrics[k]) for k in terms), sorted(metrics)
     assert metrics["train/lpips"] > 0 and metrics["train/disc_loss"] > 0, metrics
     assert math.isclose(metrics["train/gan_weight"], 0.1, rel_tol=1e-6) and metrics["data/skipped"] == 0, metrics
-    assert run.data.params["gin.losses.tokenizer_loss.lpips_backbone_path"] == repr(str(vgg16_features(world)))
+    assert run.data.params["losses.tokenizer_loss.lpips_backbone_path"] == repr(str(vgg16_features(world)))
 
 
 def _expect_extract(lf: tl.LaunchFile, world: tl.World, result, run) -> None:

@@ -266,7 +266,7 @@ def _expect_study(lf: tl.LaunchFile, world: tl.World) -> None:
         suggested = {k: trial.data.params[k] for k in json.loads(parent.data.tags["arforge.space"])}
         assert set(suggested) == set(space_bindings(cfg.space, {n: s.example() for n, s in cfg.space.items()}))
         for name, value in suggested.items():  # each suggestion reached every stage that binds it
-            bound = [s.data.params[f"gin.{name}"] for s in stages.values() if f"gin.{name}" in s.data.params]
+            bound = [s.data.params[name] for s in stages.values() if name in s.data.params]
             assert bound and all(ast.literal_eval(b) == ast.literal_eval(value) for b in bound), (name, value, bound)
         values[trial.info.run_id] = trial.data.metrics[cfg.objective]
         assert values[trial.info.run_id] == stages["evaluate"].data.metrics[cfg.objective], trial.info.run_name

@@ -80,9 +80,14 @@ def open_parent_run(cfg: StudyConfig, base: Any, exp_id: str, *, study_file: Pat
 
 def annotate_trial_run(run_id: str, *, study_name: str, number: int, binds: Mapping[str, str], state: str,
                        error: str | None, retry_of: int | None, worker: str) -> None:
-    """The trial's sampled bindings as params under their gin names, and its Optuna state as tags."""
+    """The trial's sampled bindings as params under their gin names, and its Optuna state as tags.
+
+    The launch logged the bindings its job used under the same names, resolved
+    (docs/tracking.md#what-a-run-logs); only those it did not log are added here (a pipeline
+    trial's run uses none of its stages' bindings), as MLflow refuses a second value for a param."""
     tracker = tracking.MlflowTracker(run_id)
-    tracker.log_params(dict(binds))
+    logged = tracker.client.get_run(run_id).data.params
+    tracker.log_params({k: v for k, v in binds.items() if k not in logged})
     tags = {"arforge.study": study_name, "arforge.role": "trial", "arforge.trial_number": str(number),
             "arforge.trial_state": state, "arforge.worker": worker}
     if retry_of is not None:

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import gin
 
 from arforge import launch as _launch
 from arforge.errors import ConfigError
+# The walk from launch.job is the launch layer's too (a run logs the bindings of the calls it
+# makes); Call and calls_from_launch stay importable from here.
+from arforge.gin_parsing import Call, applied, calls_from_launch  # noqa: F401
 from arforge.studies.space import INDEXED
-
-#: (active scope components, configurable selector): a call gin makes while the launch runs.
-Call = tuple[tuple[str, ...], str]
 
 # The launch.* settings jobs.pipeline hands on to its stages (pipeline.py: _FORWARDED_LAUNCH).
 _FORWARDED_LAUNCH = ("device", "precision", "seed")
@@ -40,41 +40,6 @@ def _canonical(selector: str) -> str | None:
         return None
 
 
-def calls_from_launch() -> set[Call]:
-    """The configurables gin calls for the launch in its current config, each with its scope.
-
-    A scoped reference ``@a/b/x()`` runs ``x`` in exactly the scope ``a/b`` (gin replaces the
-    active scope with the reference's), an unscoped one in its caller's scope; a macro ``%M`` is
-    the scoped reference ``@M/gin.macro()``. Inside a call in scope ``a/b``, gin applies the
-    bindings of scopes ``''``, ``a`` and ``a/b`` (gin.config._get_bindings).
-    """
-    config = gin.config._CONFIG  # noqa: SLF001  (gin has no public view of the bindings)
-    seen: set[Call] = set()
-    todo: list[Call] = [((), "arforge.launch")]
-    while todo:
-        call = todo.pop()
-        if call in seen:
-            continue
-        seen.add(call)
-        scopes, selector = call
-        for k in range(len(scopes) + 1):
-            for value in config.get(("/".join(scopes[:k]), selector), {}).values():
-                _references(value, scopes, todo)
-    return seen
-
-
-def _references(value: Any, scopes: tuple[str, ...], out: list[Call]) -> None:
-    if isinstance(value, gin.config.ConfigurableReference):
-        own = tuple(value.scopes)
-        out.append((own if own else scopes, value.configurable.selector))
-    elif isinstance(value, (list, tuple, set)):
-        for v in value:
-            _references(v, scopes, out)
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            _references(v, scopes, out)
-
-
 def reads(name: str, calls: Iterable[Call]) -> bool:
     """Whether a call in ``calls`` applies the binding ``name`` (``scope/selector.param[i]``)."""
     m = INDEXED.match(name)
@@ -83,9 +48,7 @@ def reads(name: str, calls: Iterable[Call]) -> bool:
     selector = _canonical(rest.rpartition(".")[0])
     if selector is None:
         return False
-    want = tuple(scope.split("/")) if scope else ()
-    # Binding scope s applies inside a call in scope c when s is a prefix of c.
-    return any(sel == selector and c[:len(want)] == want for c, sel in calls)
+    return applied(scope, selector, set(calls))
 
 
 def _stage_bindings(trial_bindings: Sequence[str]) -> list[str]:
