@@ -114,9 +114,9 @@ class StudyRunner:
         for values in variants:
             lines = [f"{k} = {v}" for k, v in space_bindings(self.cfg.space, values).items()]
             try:
-                _launch.parse(self.launch_file, self._trial_bindings(lines, "trial-0000"))
-                # A parameter counts as searched if some choice of the categoricals makes the launch
-                # read it (guidance.linear.start is live only while guidance = @guidance.linear()).
+                # Parses the launch (and a pipeline's stages) with the trial's bindings. A parameter
+                # counts as searched if some choice of the categoricals makes the launch read it
+                # (guidance.linear.start is live only while guidance = @guidance.linear()).
                 calls |= usage.launch_calls(self.launch_file, self._trial_bindings(lines, "trial-0000"))
             except ConfigError as exc:
                 raise ConfigError(f"{self.study_file}: study.space/fixed_bindings do not fit "
