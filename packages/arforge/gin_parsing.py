@@ -182,6 +182,7 @@ def parse(config_file: str | os.PathLike | None, bindings: Sequence[str] = (), *
                         files=tuple(resolver.files), bindings=tuple(bindings))
 
 
+#: gin's own reader, captured once at import: the resolver delegates to it, and parse puts it back.
 _GIN_PARSE_CONFIG_FILE = gin.config.parse_config_file
 
 
