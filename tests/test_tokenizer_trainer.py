@@ -11,6 +11,7 @@ from arforge import checkpoint as ck
 from arforge.data.digits import DigitsDataset
 from arforge.data.extraction import local_context
 from arforge.trainers.common import NonFiniteLossError
+from arforge.tracking import Tracker
 from arforge.trainers.tokenizer_trainer import evaluate_tokenizer, train_tokenizer
 from arforge_plugins.tokenizers.llamagen_vq import llamagen_vq_tokenizer
 from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
@@ -42,7 +43,7 @@ def _loss():
     return tokenizer_loss(recipe="llamagen", lpips_weight=0, gen_weight=0, disc_weight=0)
 
 
-class RecordingTracker:
+class RecordingTracker(Tracker):  # the base class no-ops what a test does not record
     def __init__(self):
         self.metrics, self.images, self.artifacts = [], [], []
 

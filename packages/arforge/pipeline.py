@@ -15,7 +15,9 @@ stage, so a CFG study can run a sample-then-evaluate pipeline; of the ``launch.*
 settings only ``device``, ``precision`` and ``seed`` are passed on (the others name
 each stage's own run). Stages pass results on
 through their output folders (``outputs:<experiment>/<run_name>/...``). The
-time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``.
+time of each stage is logged on the pipeline run as ``pipeline/<stage>_seconds``, and the
+evaluation metrics a stage returns (``fid``, ``sfid``, ``is``, ``precision``, ``recall``) as the
+pipeline run's own.
 """
 
 from __future__ import annotations
@@ -99,8 +101,28 @@ def _run_stages(ctx, paths, own_bindings, forwarded, bindings, only, results) ->
                                              parent_run_id=ctx.tracker.run_id,
                                              reporter=ctx.reporter)
         seconds = time.time() - t0
-        ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds}, step=i)
+        ctx.tracker.log_metrics({f"pipeline/{path.stem}_seconds": seconds, **_evaluation(results[path.stem])},
+                                step=i)
         ctx.log(f"stage {path.name} took {seconds:.1f} s")
+
+
+#: What a stage that evaluates returns and the pipeline run repeats at its top level: MLflow's
+#: run lists and compare view, and a study trial that runs a pipeline, show them without opening
+#: the stage (docs/tracking.md#what-a-run-logs).
+EVALUATION_METRICS = ("fid", "sfid", "is", "precision", "recall")
+
+
+def _evaluation(result: Any) -> dict[str, float]:
+    """The evaluation metrics among a stage's results (jobs.evaluate_samples returns them)."""
+    if not isinstance(result, dict):
+        return {}
+    out = {}
+    for key in EVALUATION_METRICS:
+        try:
+            out[key] = float(result[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def _finished_stage(ctx, path: Path) -> Path | None:

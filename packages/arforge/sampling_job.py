@@ -70,7 +70,7 @@ from arforge.metrics.adm import to_uint8
 from arforge.sample_files import (PIXELS, SampleResumeError, _encode_done, _npy_layout, _pixel_chunks,  # noqa: F401
                                   _prepare_work, _read_done, _read_images, _weights_sha256, _write_adm_zip,
                                   work_folder, write_adm_npz)
-from arforge.viz import image_grid
+from arforge.viz import labelled_grid
 
 __all__ = ["sample_images", "sample_seed", "sample_labels", "load_module_weights", "write_adm_npz",
            "work_folder", "SampleResumeError"]
@@ -375,7 +375,10 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
         cols = min(grid_samples, N)
         cells = _read_images(work / PIXELS, offset, shape_all[1:],
                              [inverse[c * N + j] for c in range(min(grid_classes, C)) for j in range(cols)])
-        ctx.tracker.log_image(image_grid(cells, nrow=cols), "samples/grid.png")
+        # One row per class, labelled, under the guidance that sampled it (docs/tracking.md#what-a-run-logs).
+        rows = [f"class {c}" for c in range(min(grid_classes, C))]
+        ctx.tracker.log_image(labelled_grid(cells, nrow=cols, row_labels=rows, title=repr(guidance)),
+                              "samples/grid.png")
         shutil.rmtree(work, ignore_errors=True)
         made = total - resumed  # by all ranks in this run
         metrics = {"sample/images_per_s": made / max(wall, 1e-9), "sample/tokens_per_s": made * L / max(wall, 1e-9),

@@ -423,6 +423,7 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def log_image(self, image: Any, artifact_file: str) -> None: ...
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+    def log_curves(self, artifact_file: str = "curves/training.png") -> None: ...
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=1, sort_keys=True, default=str), artifact_file)
 
@@ -490,6 +491,32 @@ class MlflowTracker(Tracker):
 
         buf.seek(0)
         self.log_image(Image.open(buf).convert("RGB"), artifact_file)
+
+    #: The curves :meth:`log_curves` draws: metrics under these prefixes, but not throughputs.
+    CURVE_PREFIXES = ("train/", "val/")
+    MAX_CURVES = 16
+
+    def log_curves(self, artifact_file: str = "curves/training.png") -> None:
+        """The run's training curves (``train/*``, ``val/*`` metrics with two or more points) as one
+        PNG: MLflow draws each metric on its own page, a researcher wants them side by side."""
+        metrics = self.client.get_run(self.run_id).data.metrics
+        names = sorted(k for k in metrics if k.startswith(self.CURVE_PREFIXES) and not k.endswith("_per_s"))
+        curves = {}
+        for name in names:
+            history = sorted(self.client.get_metric_history(self.run_id, name), key=lambda m: (m.step, m.timestamp))
+            if len(history) >= 2:
+                curves[name] = ([m.step for m in history], [m.value for m in history])
+        if not curves:
+            return
+        from arforge.viz import curves_figure
+
+        fig = curves_figure(dict(list(curves.items())[: self.MAX_CURVES]))  # chooses the backend first
+        import matplotlib.pyplot as plt
+
+        try:
+            self.log_figure(fig, artifact_file)
+        finally:
+            plt.close(fig)
 
     @contextmanager
     def child(self, run_name: str) -> Iterator["MlflowTracker"]:

@@ -14,10 +14,12 @@ from optuna.trial import TrialState
 from arforge.compare import use_agg
 
 
-def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective") -> list[Path]:
-    """Optimisation history, intermediate values, parameter importances, slice, and a
-    contour of the two leading guidance-scale (else numeric) parameters, as PNGs in
-    ``out_dir``. Plots that do not apply yet (one trial, one parameter) are skipped."""
+def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective",
+                     names: Any = None) -> list[Path]:
+    """Optimisation history, intermediate values, parameter importances, slice, a contour of
+    the two leading guidance-scale (else numeric) parameters, and the objective against each
+    searched numeric parameter (:func:`objective_figure`), as PNGs in ``out_dir``. Plots that do
+    not apply yet (one trial, one parameter) are skipped."""
     use_agg()
     import matplotlib.pyplot as plt
     import numpy as np
@@ -43,6 +45,9 @@ def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective") ->
         plots["param_importances"] = lambda: ovm.plot_param_importances(st, target_name=objective)
     if len(contour) == 2 and len(complete) >= 2:
         plots["contour"] = lambda: ovm.plot_contour(st, params=contour, target_name=objective)
+    if numeric:
+        plots[f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', objective)}_vs_params"] = \
+            lambda: objective_figure(st, objective=objective, params=cfg_like + [p for p in numeric if p not in cfg_like])
     written = []
     for name, draw in plots.items():
         fig = None
@@ -60,3 +65,30 @@ def save_study_plots(st: Any, out_dir: Path, *, objective: str = "objective") ->
         finally:
             plt.close(fig if fig is not None else "all")
     return written
+
+
+def objective_figure(st: Any, *, objective: str, params: list[str]) -> Any:
+    """The objective against each searched numeric parameter, one panel each (guidance scales
+    first): what a researcher reads to choose a CFG scale, next to the trials' sample grids
+    (``trials/`` on the study's run). Pruned trials are drawn at their last reported value."""
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in st.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], params):
+        for state, marker, colour in ((TrialState.COMPLETE, "o", "tab:blue"), (TrialState.PRUNED, "x", "tab:grey")):
+            pts = [(t.params[name], t.value if t.value is not None else t.intermediate_values[max(t.intermediate_values)],
+                    t.number) for t in trials if t.state == state and name in t.params
+                   and (t.value is not None or t.intermediate_values)]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, c=colour, zorder=3,
+                           label=state.name.lower())
+                for x, y, n in pts:
+                    ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel(name, fontsize=9)
+        ax.set_ylabel(objective)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{st.study_name}: {objective} by trial (numbers: trial, grids in trials/)", fontsize=10)
+    fig.tight_layout()
+    return axes

@@ -28,6 +28,8 @@ class StudyResult:
     stopped: str = "done"
     #: the ``study.enqueue`` points: (trial number, state, value or None, bindings)
     enqueued: list[tuple[int, str, float | None, list[str]]] = dataclasses.field(default_factory=list)
+    #: the ``optuna-dashboard`` command that opens the study's storage
+    dashboard_command: str | None = None
 
 
 def print_result(result: StudyResult) -> None:
@@ -38,6 +40,7 @@ def print_result(result: StudyResult) -> None:
         print("stopped by the timeout; run the same command again to continue")
     if result.best_value is None:
         print("no trial completed yet")
+        _print_dashboard(result)
         return
     print(f"best value {result.best_value:.6g} (trial {result.best_trial}, MLflow run {result.best_run_id} "
           f"in experiment {result.experiment!r})")
@@ -50,3 +53,10 @@ def print_result(result: StudyResult) -> None:
         print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots)})")
     print("reproduce the best trial with:")
     print(f"  {result.reproduce_command}")
+    _print_dashboard(result)
+
+
+def _print_dashboard(result: StudyResult) -> None:
+    """Optuna's own view of the study (docs/studies.md#plots); the MLflow runs are in `arforge ui`."""
+    if result.dashboard_command:
+        print(f"browse the study with: {result.dashboard_command}   (pip install optuna-dashboard)")

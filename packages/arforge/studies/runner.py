@@ -82,6 +82,8 @@ class StudyRunner:
         self._gave_up = False
         self._consecutive_failures = 0
         self._study: Any = None
+        #: trial number -> (metric, value, step) of its last report to the pruner
+        self._last_report: dict[int, tuple[str, float, int]] = {}
         # Heartbeats off: a dead worker's trial is never failed, so there is nothing to retry.
         self._retry = None
         if self.cfg.heartbeat_interval:
@@ -177,6 +179,10 @@ class StudyRunner:
             base = optuna.create_study(study_name=self.cfg.study_name, storage=storage,
                                        direction=self.cfg.direction, load_if_exists=True)
             self._check_same_study(base)
+            if base.metric_names != [self.cfg.objective]:  # else optuna-dashboard says "Objective 0"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    base.set_metric_names([self.cfg.objective])
             attrs = base.user_attrs
             if self.cfg.enqueue and not attrs.get("arforge.enqueued") and not base.get_trials(deepcopy=False):
                 for point in self.cfg.enqueue:
@@ -243,6 +249,8 @@ class StudyRunner:
         except optuna.TrialPruned:
             run_id = self._new_run(before)
             state = "PRUNED"
+            if run_id is not None and trial.number in self._last_report:
+                runs.log_pruned(run_id, *self._last_report[trial.number])
             raise
         except BaseException as exc:
             run_id = self._new_run(before)
@@ -293,6 +301,7 @@ class StudyRunner:
             if metric != watched:
                 return
             trial.report(value, step)
+            self._last_report[trial.number] = (metric, value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}: {metric} = {value:.6g}")
 
@@ -343,6 +352,12 @@ class StudyRunner:
             return
         self._consecutive_failures = 0
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        run_id = frozen.user_attrs.get("arforge.run_id")
+        if self.parent_run_id and run_id:  # the trial's sample grid beside the others on the study's run
+            try:
+                runs.copy_trial_grid(self.parent_run_id, run_id, frozen, self.cfg.objective)
+            except Exception as exc:  # a picture must not stop the study
+                self.say(f"could not copy trial {frozen.number}'s sample grid: {exc}")
         if frozen.state == TrialState.PRUNED and frozen.intermediate_values:
             step = max(frozen.intermediate_values)
             self.say(f"trial {frozen.number} pruned at step {step}: {self.cfg.prune_on or self.cfg.objective} = "
@@ -463,8 +478,13 @@ class StudyRunner:
             result.reproduce_command = self.reproduce_command(best)
         result.enqueued = [(t.number, t.state.name, t.value, list(t.user_attrs.get("arforge.bindings", [])))
                            for t in trials if "fixed_params" in t.system_attrs]  # Optuna's mark of enqueue_trial
+        result.dashboard_command = dashboard_command(self.storage_url)
         if not self.parent_run_id:
             return result
+        try:  # the trials as a table on the study's run (docs/studies.md#trials-in-mlflow)
+            runs.log_summary(self.parent_run_id, trials, self.cfg.objective)
+        except Exception as exc:  # the study's result is in Optuna already
+            self.say(f"could not log the trial summary: {exc}")
         finished = result.n_complete + result.n_pruned
         with self.lock():  # one worker per study state draws the plots, not every worker
             claim = f"{finished}:{result.n_failed}"
@@ -477,7 +497,7 @@ class StudyRunner:
             from arforge import tracking
 
             result.plots = save_study_plots(st, tracking.home() / "studies" / safe_name(self.cfg.study_name),
-                                            objective=self.cfg.objective)
+                                            objective=self.cfg.objective, names=runs.searched_names(self.cfg))
             for p in result.plots:
                 MlflowClient().log_artifact(self.parent_run_id, str(p), "plots")
         runs.log_counts(self.parent_run_id, {"n_complete": result.n_complete, "n_pruned": result.n_pruned,
@@ -488,6 +508,14 @@ class StudyRunner:
 
             MlflowClient().set_terminated(self.parent_run_id, status="FINISHED")
         return result
+
+
+def dashboard_command(storage_url: str) -> str:
+    """The ``optuna-dashboard`` command that opens the study's storage (docs/studies.md#plots);
+    optuna-dashboard is the user's to install, not a dependency."""
+    path = journal_path(storage_url)
+    target = str(path) if path is not None else mask_url(storage_url)
+    return f"optuna-dashboard {shlex.quote(target)}"
 
 
 def run_study(study_file: str | os.PathLike, bindings: Sequence[str] = (), *, storage: str | None = None,

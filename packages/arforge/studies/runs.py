@@ -144,3 +144,87 @@ def log_counts(parent_run_id: str, counts: Mapping[str, float]) -> None:
 
     ts = int(time.time() * 1000)
     MlflowClient().log_batch(parent_run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in counts.items()])
+
+
+def log_pruned(run_id: str, metric: str, value: float, step: int) -> None:
+    """Where a pruned trial stopped, on its run: MLflow would otherwise show no value for it. The
+    last value reported to the pruner is the metric ``last_<metric>`` (at its step), and the tags
+    ``arforge.pruned_metric`` and ``arforge.pruned_step`` say which it was; ``arforge compare``
+    shows it in the pruned trial's row."""
+    tracker = tracking.MlflowTracker(run_id)
+    tracker.log_metrics({f"last_{metric_key(metric)}": value}, step=step)
+    tracker.set_tags({"arforge.pruned_metric": metric, "arforge.pruned_step": str(step)})
+
+
+def _grid_run(client: Any, run_id: str) -> str | None:
+    """The run holding a trial's sample grid: the trial's own, else one of its stages'."""
+    def has_grid(rid: str) -> bool:
+        return any(a.path == "samples/grid.png" for a in client.list_artifacts(rid, "samples"))
+
+    if has_grid(run_id):
+        return run_id
+    run = client.get_run(run_id)
+    stages = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                max_results=100)
+    return next((s.info.run_id for s in stages if has_grid(s.info.run_id)), None)
+
+
+def copy_trial_grid(parent_run_id: str, run_id: str, trial: Any, objective: str) -> None:
+    """The trial's labelled sample grid, captioned with its searched values and objective, as the
+    study run's ``trials/trial-NNNN.png``: a CFG sweep's grids side by side, one per scale."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from arforge.viz import captioned
+
+    client = MlflowClient()
+    holder = _grid_run(client, run_id)
+    if holder is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        grid = Image.open(client.download_artifacts(holder, "samples/grid.png", folder)).convert("RGB")
+        values = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in trial.params.items())
+        result = (f"{objective} = {trial.value:.4g}" if trial.value is not None
+                  else trial.state.name.lower())
+        image = captioned(grid, [f"trial {trial.number}: {result}", values])
+        tracking.MlflowTracker(parent_run_id).log_image(image, f"trials/trial-{trial.number:04d}.png")
+
+
+def summary_rows(trials: Any, objective: str) -> tuple[list[str], list[list[Any]]]:
+    """The study's trials as a table: number, state, objective, each searched parameter, run."""
+    names = list(dict.fromkeys(p for t in trials for p in t.params))
+    header = ["number", "state", objective, *names, "seconds", "run_id"]
+    rows = []
+    for t in sorted(trials, key=lambda t: t.number):
+        value = t.value
+        if value is None and t.intermediate_values:  # a pruned trial: its last reported value
+            value = t.intermediate_values[max(t.intermediate_values)]
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append([t.number, t.state.name, value, *[t.params.get(n) for n in names], seconds,
+                     t.user_attrs.get("arforge.run_id", "")])
+    return header, rows
+
+
+def log_summary(parent_run_id: str, trials: Any, objective: str) -> None:
+    """``summary/trials.csv`` (full precision) and ``summary/trials.md`` (4 significant digits) on
+    the study's run: every trial with its state, objective and searched values."""
+    import csv
+    import io
+
+    header, rows = summary_rows(trials, objective)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    tracker = tracking.MlflowTracker(parent_run_id)
+    tracker.log_text(buf.getvalue(), "summary/trials.csv")
+
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    tracker.log_text("\n".join(lines) + "\n", "summary/trials.md")

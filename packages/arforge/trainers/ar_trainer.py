@@ -301,5 +301,7 @@ def train_ar(
     result = {k.removeprefix("train/"): v for k, v in last.items()}
     if held_out is not None:  # after the final checkpoint: a prune here keeps the trained weights
         result["val_nll"] = evaluate_held_out()
+    if ctx.is_main:
+        ctx.tracker.log_curves("curves/training.png")  # the curves as one picture (docs/tracking.md#what-a-run-logs)
     return result
 

@@ -365,7 +365,8 @@ def train_tokenizer(
             t_last, images_since = now, 0
             ctx.tracker.log_metrics(metrics, step=loop.step)
             bar.set_postfix(loss=f"{float(g.total.detach()):.4f}")
-        if eval_every and loop.step % eval_every == 0 and val_dataset is not None:
+        # The last step is evaluated once, by the final evaluation below.
+        if eval_every and loop.step % eval_every == 0 and loop.step < steps and val_dataset is not None:
             model = eval_model()
             if model is not None:
                 _eval_and_log(ctx, model, val_dataset, loop.step, eval_images, grid_images, perceptual)
@@ -382,6 +383,7 @@ def train_tokenizer(
         if log_checkpoint and final is not None:
             ctx.tracker.log_artifact(final, "checkpoint")
         ctx.extra["checkpoint"] = str(final)
+        ctx.tracker.log_curves("curves/training.png")  # the curves as one picture (docs/tracking.md#what-a-run-logs)
     return results
 
 
