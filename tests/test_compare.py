@@ -43,7 +43,8 @@ def experiment(tmp_path):
 def _table(out: str) -> list[list[str]]:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     rows = []
-    for ln in lines[: lines.index(next(x for x in lines if x.startswith("plot:")))]:
+    end = next((i for i, x in enumerate(lines) if x.startswith("plot:")), len(lines))
+    for ln in lines[:end]:
         rows.append(ln.split())
     return rows
 
@@ -54,6 +55,14 @@ def test_compare_sorts_shows_only_differing_params_and_plots(experiment, capsys)
 
     from arforge import tracking
 
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+
+    def store_state():
+        runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", max_results=100)
+        return {r.info.run_id: (r.info.status, sorted(a.path for a in MlflowClient().list_artifacts(r.info.run_id)))
+                for r in runs}
+
+    before = store_state()
     assert cli.main(["compare", experiment, "--metric", "fid"]) == 0
     out = capsys.readouterr().out
     rows = _table(out)
@@ -63,17 +72,21 @@ def test_compare_sorts_shows_only_differing_params_and_plots(experiment, capsys)
     assert [r[3] for r in rows[1:]] == ["1", "2", "2.5", "-"]
     assert [r[4] for r in rows[1:]] == ["0.3", "0.2", "0.45", "0.6"]
     assert "width" not in out and "run_name" not in rows[0]
+    # Reading writes nothing: no run, no artifact, no plot file.
+    assert store_state() == before and not (tracking.home() / "compare").exists() and "plot:" not in out
 
+    assert cli.main(["compare", experiment, "--metric", "fid", "--plot", "--log"]) == 0
+    out = capsys.readouterr().out
     png = tracking.home() / "compare" / "cmp-fid.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: {png} (fid vs jobs.compare_toy.lr)" in out
-    mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", max_results=100)
     holder = [r for r in runs if r.data.tags.get("arforge.role") == "compare"]
     assert len(holder) == 1 and holder[0].info.run_name == "compare"
     assert [a.path for a in MlflowClient().list_artifacts(holder[0].info.run_id, "compare")] == ["compare/cmp-fid.png"]
 
-    # Descending keeps the missing metric last; the compare run itself is never listed.
+    # Descending keeps the missing metric last; the compare run itself is never listed; --plot
+    # alone writes the file and logs nothing.
     assert cli.main(["compare", experiment, "--metric", "fid", "--descending", "--plot",
                      str(tracking.home() / "desc.png")]) == 0
     out = capsys.readouterr().out
@@ -81,6 +94,46 @@ def test_compare_sorts_shows_only_differing_params_and_plots(experiment, capsys)
     assert (tracking.home() / "desc.png").is_file()
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list", max_results=100)
     assert len([r for r in runs if r.data.tags.get("arforge.role") == "compare"]) == 1
+    assert len(MlflowClient().list_artifacts(holder[0].info.run_id, "compare")) == 1
+
+
+def test_compare_formats(experiment, capsys):
+    import csv
+    import io
+    import json
+
+    assert cli.main(["compare", experiment, "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in records] == ["run-b", "run-c", "run-a", "run-d"]
+    assert records[0]["fid"] == pytest.approx(1.0) and records[-1]["fid"] is None
+    assert records[0]["params"] == {"jobs.compare_toy.lr": "0.3"} and records[0]["job"] == "jobs.compare_toy"
+    assert cli.main(["compare", experiment, "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["jobs.compare_toy.lr"] for r in table] == ["0.3", "0.2", "0.45", "0.6"] and table[-1]["fid"] == ""
+    assert cli.main(["compare", experiment, "--format", "markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | job | status | fid | jobs.compare_toy.lr |" and lines[1] == "|---|---|---|---|---|"
+    assert lines[2] == "| run-b | jobs.compare_toy | FINISHED | 1 | 0.3 |"
+
+
+def test_compare_cuts_long_values_and_rounds_to_four_digits(tmp_path, capsys):
+    reg.registry().register("jobs", "compare_toy", compare_toy)
+    seed_mlflow_store(Path(os.environ["ARFORGE_HOME"]))
+    f = tmp_path / "toy.gin"
+    f.write_text(textwrap.dedent("""
+        launch.experiment = "long"
+        launch.job = @jobs.compare_toy
+        launch.device = "cpu"
+    """))
+    for i, lr in enumerate([0.123456789, 0.2987654321]):
+        launch.run_file(f, [f"launch.run_name = 'run-{i}'", f"jobs.compare_toy.lr = {lr}",
+                            f"jobs.compare_toy.label = '{str(i) * 300}'"])
+    capsys.readouterr()
+    assert cli.main(["compare", "long"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) < 120, out
+    assert "0.1235" in out and "0.123456789" not in out and "2.765 " in out  # fid = 10 |lr - 0.3| + 1
+    assert "'" + "0" * 22 + "…" in out  # cut to 24 characters
 
 
 def test_compare_user_mistakes_are_one_line_errors(experiment, capsys):

@@ -293,7 +293,7 @@ def test_study_of_8_trials_logs_nested_runs_tags_best_and_reproduces(tmp_path, c
     assert command.startswith("arforge run ") and all(f"--bind '{b}'" in command for b in bindings)
 
     # compare on the study's experiment: trial params only, plot logged on the parent run.
-    cmp = studies.compare_runs("quad8")
+    cmp = studies.compare_runs("quad8", log_plot=True)
     assert cmp.metric == "loss" and cmp.columns == ["jobs.studyquad.x", "jobs.studyquad.y"]
     assert [r["metric"] for r in cmp.rows] == sorted(r["metric"] for r in cmp.rows)
     assert cmp.rows[0]["best"] and cmp.artifact_run_id == parent.info.run_id
@@ -372,6 +372,12 @@ def test_pruning_stops_bad_trials_early(tmp_path):
     assert sorted(status) == [f"trial-{i:04d}" for i in range(12)]
     assert {status[f"trial-{t.number:04d}"] for t in pruned} == {"PRUNED"}
     assert {status[f"trial-{t.number:04d}"] for t in complete} == {"COMPLETE"}
+    # ... with the value it was stopped at, and where (its run's last_<metric>).
+    shown = {row["run_name"]: row["pruned"] for row in cmp.rows}
+    for t in pruned:
+        last = max(t.intermediate_values)
+        assert shown[f"trial-{t.number:04d}"] == {"metric": "loss", "value": t.intermediate_values[last], "step": last}
+    assert f" @{max(pruned[0].intermediate_values)}" in studies.format_table(cmp)
 
 
 def test_failed_trial_is_recorded_and_the_study_goes_on(tmp_path):

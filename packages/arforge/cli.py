@@ -4,7 +4,7 @@
     arforge plugins [--kind quantizers]
     arforge ui [--port 5000] [--host 127.0.0.1]
     arforge study STUDY.gin [--storage URL] [--n-trials N] [--bind ...]
-    arforge compare EXPERIMENT [--metric fid] [--param NAME] [--plot out.png]
+    arforge compare EXPERIMENT [--metric fid] [--param NAME] [--plot [out.png]] [--log] [--format table|csv|markdown|json]
     arforge --version
 
 User mistakes (gin typos, unknown plugins, bad checkpoints, missing weights) print one line

@@ -20,7 +20,8 @@ def _cmd_study(args: Any) -> int:
 
 def _cmd_compare(args: Any) -> int:
     print_compare(compare_runs(args.experiment, metric=args.metric, param=args.param, ascending=args.ascending,
-                               max_results=args.max_results, plot=args.plot))
+                               max_results=args.max_results, plot=args.plot, log_plot=args.log),
+                  fmt=args.format)
     return 0
 
 
@@ -46,7 +47,11 @@ def add_cli(subparsers: Any) -> None:
     s.add_argument("--no-plots", action="store_true", help="skip the Optuna plots on the parent run")
     s.set_defaults(fn=_cmd_study)
 
-    c = subparsers.add_parser("compare", help="table and plot of an experiment's runs by a metric")
+    c = subparsers.add_parser(
+        "compare", help="table (and plot) of an experiment's runs by a metric",
+        description="Print the runs of an MLflow experiment (a study's trials, pipelines, any launches) sorted "
+                    "by a metric, grouped by job, with the parameters that differ. Nothing is written unless "
+                    "--plot or --log asks for it.")
     c.add_argument("experiment", help="MLflow experiment name (a study's experiment is its name)")
     c.add_argument("--metric", help="metric to sort by (default: the study's objective, else fid)")
     c.add_argument("--param", help="parameter for the plot's x axis (default: the first differing numeric one)")
@@ -55,5 +60,12 @@ def add_cli(subparsers: Any) -> None:
                        help="smallest first (default, unless the study maximises)")
     order.add_argument("--descending", dest="ascending", action="store_false", help="largest first")
     c.add_argument("--max-results", type=int, default=1000, help="at most this many runs (default 1000)")
-    c.add_argument("--plot", help="PNG path (default $ARFORGE_HOME/compare/<experiment>-<metric>.png)")
+    c.add_argument("--plot", nargs="?", const=True, default=None, metavar="PNG",
+                   help="also draw the metric against --param, into PNG (given alone: "
+                        "$ARFORGE_HOME/compare/<experiment>-<metric>.png)")
+    c.add_argument("--log", action="store_true",
+                   help="log the plot to MLflow: to the study's run, else to a 'compare' run of the experiment")
+    c.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"),
+                   help="output format (default table: 4 significant digits, long values cut; csv and json "
+                        "keep full precision)")
     c.set_defaults(fn=_cmd_compare)
