@@ -332,18 +332,26 @@ def _guarded(fn: Callable[[], Any], *, config_file: str | None = None, binding: 
         raise err from exc
 
 
+def bound_configurables() -> list[tuple[str, str]]:
+    """``(scope, full selector)`` of every configurable with a binding in gin's config (a macro is
+    ``(name, "gin.macro")``); :func:`bindings_of` gives each one's bindings.
+
+    gin's public API lists bindings per configurable (``gin.get_bindings``) and prints the whole
+    config with the shortest selectors (``gin.config_str``), but has no list of the bound
+    configurables, so this is the one read of gin's configuration.
+    """
+    return list(gin.config._CONFIG)  # noqa: SLF001
+
+
 def bound_parameters() -> dict[str, str]:
     """Every parameter bound in the parsed config, as ``scope/selector.param -> value``.
 
     The keys name each configurable by its full selector (``arforge.launch.experiment``), as
-    ``run.json`` and the ``gin.*`` MLflow params have always kept them, so that a resume compares
-    like with like. gin's public API lists bindings per configurable (``gin.get_bindings``) and
-    prints the whole config with the shortest selectors (``gin.config_str``), but has no list of
-    the bound configurables, so this one read of gin's configuration stays.
+    ``run.json`` has always kept them, so that a resume compares like with like.
     """
     out: dict[str, str | None] = {}
-    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
-        for name, value in params.items():
+    for scope, selector in bound_configurables():
+        for name, value in bindings_of(scope, selector).items():
             out[f"{scope + '/' if scope else ''}{selector}.{name}"] = _gin_repr(value)
     return dict(sorted(out.items()))
 
@@ -426,10 +434,10 @@ def used_parameters() -> dict[str, str]:
     """
     calls = calls_from_launch()
     out: dict[str, str] = {}
-    # gin lists bindings per configurable but not the bound configurables (see bound_parameters).
-    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001
+    for scope, selector in bound_configurables():
         if selector == "gin.macro" or not applied(scope, selector, calls):
             continue
+        params = bindings_of(scope, selector)
         name = f"{scope + '/' if scope else ''}{selector.removeprefix('arforge.')}"
         for param, value in params.items():
             text = _gin_repr(_resolved(value))
