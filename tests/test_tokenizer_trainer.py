@@ -56,6 +56,9 @@ class RecordingTracker(Tracker):  # the base class no-ops what a test does not r
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append(artifact_path)
 
+    def log_curves(self, artifact_file="curves/training.png"):
+        self.artifacts.append(artifact_file)
+
     def set_tags(self, tags):
         pass
 
@@ -67,14 +70,16 @@ def test_psnr_rises_well_above_untrained(tmp_path, digits):
     tracker = RecordingTracker()
     ctx = local_context(tmp_path, tracker=tracker)
     after = train_tokenizer(ctx, tokenizer=tok, loss=_loss(), dataset=train, val_dataset=val, steps=60,
-                            batch_size=16, lr=2e-3, eval_images=64, log_every=20)
+                            batch_size=16, lr=2e-3, eval_images=64, log_every=20, eval_every=30)
     assert before["psnr"] < 10
     assert after["psnr"] > before["psnr"] + 10, (before, after)
     assert after["ssim"] > 0.8 and 0 < after["usage"] <= 1
-    assert [s for s, _ in tracker.metrics if s in (20, 40, 60)] == [20, 40, 60, 60]
+    # Validation at step 30 and once at the end (the last step's is the final one, not a second).
+    assert [s for s, _ in tracker.metrics if s in (20, 30, 40, 60)] == [20, 30, 40, 60, 60]
+    assert [s for s, m in tracker.metrics if "val/psnr" in m] == [30, 60]
     assert "train/loss" in tracker.metrics[0][1] and "data/skipped" in tracker.metrics[0][1]
-    assert tracker.images == ["reconstructions/final.png"]
-    assert tracker.artifacts == ["checkpoint"]
+    assert tracker.images == ["reconstructions/step_0000030.png", "reconstructions/final.png"]
+    assert tracker.artifacts == ["checkpoint", "curves/training.png"]
 
 
 def _train(out, steps, *, save_every=0, loss=None, seed=0, ema=None, digits=None):

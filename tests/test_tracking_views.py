@@ -270,3 +270,26 @@ def test_compare_writes_nothing_unless_asked_and_formats(store, capsys):
     assert len(lines) == 2 and lines[1].split()[1] == "pipeline"
     fid = client.get_run(store["pipeline"]).data.metrics["fid"]
     assert lines[1].split()[3] == f"{fid:.4g}"
+
+
+def test_training_curves_are_one_picture(store):
+    """A training run's curves, read back from its metric history, as one PNG with a panel per
+    train/val metric (throughputs and one-point metrics left out)."""
+    from PIL import Image
+
+    from arforge import tracking
+
+    client = _client(store)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARFORGE_HOME", str(store["home"]))
+        tracking.configure()
+        run_id = client.create_run(tracking.ensure_experiment("curves")).info.run_id
+        tracker = tracking.MlflowTracker(run_id)
+        for step in (10, 20, 30):
+            tracker.log_metrics({"train/loss": 1.0 / step, "train/tokens_per_s": 5.0, "val/nll": 2.0 / step},
+                                step=step)
+        tracker.log_metrics({"model/params": 3.0}, step=0)
+        tracker.log_curves()
+    assert [a.path for a in client.list_artifacts(run_id, "curves")] == ["curves/training.png"]
+    image = Image.open(client.download_artifacts(run_id, "curves/training.png", str(store["folder"] / "c")))
+    assert image.width > 1.5 * image.height  # two panels side by side: train/loss and val/nll
