@@ -215,7 +215,9 @@ def test_arforge_run_logs_params_config_tags_metrics(tmp_path):
     assert params["jobs.toy_fit.steps"] == "6"
     assert params["jobs.toy_fit.lr"] == "0.05"
     assert params["jobs.toy_fit.width"] == "4"
-    assert params["launch.experiment"] == "'toy-experiment'"
+    assert params["launch.device"] == "'cpu'"
+    # The run's name and experiment are MLflow's own, not params.
+    assert "launch.experiment" not in params and "launch.run_name" not in params
     assert not [k for k in params if k.startswith(("gin.", "arforge."))], sorted(params)
     tags = run.data.tags
     for key in ("git.commit", "git.dirty", "torch.version", "arforge.device", "arforge.plugins"):

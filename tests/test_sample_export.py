@@ -114,9 +114,14 @@ def test_exactly_n_per_class_in_a_seeded_order_with_per_sample_content(tmp_path)
     for j, i in enumerate(perm):
         assert np.array_equal(images[j], _reference_sample(*pair, int(i))), (j, i)
     assert len({im.tobytes() for im in images}) == C * N
-    # the grid: one row per class, N columns (8 px cells upscaled to 64 and 2 px padding)
-    grid = tracker.images["samples/grid.png"]
-    assert grid.size == (N * 66 + 2, C * 66 + 2)
+    # the grid: one row per class, N columns (8 px cells upscaled to 64 and 2 px padding) at the
+    # bottom right, under a title line (the guidance) and right of a strip of class labels
+    grid = np.asarray(tracker.images["samples/grid.png"].convert("RGB"))
+    cells = grid[-(C * 66 + 2):, -(N * 66 + 2):]
+    assert grid.shape[0] > C * 66 + 2 and grid.shape[1] > N * 66 + 2
+    assert (cells[:2] == 255).all() and (cells[:, :2] == 255).all()  # the grid's own white frame
+    strip, title = grid[-(C * 66 + 2):, : -(N * 66 + 2)], grid[: -(C * 66 + 2)]
+    assert (strip < 128).any() and (title < 128).any()  # the labels and the title are drawn
     assert tracker.params["guidance.cfg_constant.scale"] == "2.0" and tracker.params["sample.top_k"] == 8
     assert not any(k.startswith("cfg.") for k in tracker.params)  # one name per setting: its gin binding
     assert tracker.tags["sample.guidance"] == "ConstantCFG(scale=2.0)"

@@ -421,6 +421,10 @@ def applied(scope: str, selector: str, calls: set[Call]) -> bool:
     return any(sel == selector and c[:len(want)] == want for c, sel in calls)
 
 
+#: ``launch`` bindings that name the MLflow run itself rather than configure it (see used_parameters).
+_RUN_IDENTITY = ("run_name", "experiment")
+
+
 def used_parameters() -> dict[str, str]:
     """The bindings the launch in gin's config applies, by binding name, values resolved.
 
@@ -430,7 +434,10 @@ def used_parameters() -> dict[str, str]:
     writes (``jobs.train_ar.steps``, ``launch.seed``, ``train/datasets.digits.split``); macros
     replaced by their values and ``outputs:``/``pipeline:`` paths by the folders they name (call
     this inside the launch's :func:`arforge.tracking.path_scope`), written as gin writes values.
-    Macro definitions themselves are not listed: their values appear where they are used.
+    Macro definitions themselves are not listed: their values appear where they are used; nor are
+    ``launch.run_name`` and ``launch.experiment``, which are the MLflow run's own name and
+    experiment (as params they would differ between every pair of runs and be what MLflow's
+    compare view selects first).
     """
     calls = calls_from_launch()
     out: dict[str, str] = {}
@@ -440,6 +447,8 @@ def used_parameters() -> dict[str, str]:
         params = bindings_of(scope, selector)
         name = f"{scope + '/' if scope else ''}{selector.removeprefix('arforge.')}"
         for param, value in params.items():
+            if name == "launch" and param in _RUN_IDENTITY:
+                continue
             text = _gin_repr(_resolved(value))
             if text is not None:
                 out[f"{name}.{param}"] = text
