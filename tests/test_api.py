@@ -235,8 +235,19 @@ def test_import_arforge_is_cheap():
 
 
 @plumbing
-def test_runs_recorded_before_the_guidance_rename_still_load(outside, tiny_home):
-    """Runs made when the guidance kind was called `samplers` (jobs.sample.sampler) load with their schedule."""
+def test_load_in_a_fresh_process(outside, tiny_home):
+    """A notebook's first call: nothing of arforge imported yet (this module's fixture has imported the
+    launch layer, which registers the gin configurables every run.json binds)."""
+    code = ("import arforge; run = arforge.load('quickstart/pipeline', device='cpu'); "
+            "print(run.job, len(run.generate(classes=[1], guidance=None)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "sample 1", out.stderr[-2000:]
+
+
+@plumbing
+def test_runs_recorded_before_the_guidance_rename_still_load(outside, tiny_home, capsys):
+    """Runs made when the guidance kind was called `samplers` (jobs.sample.sampler) load with their schedule,
+    and a value recorded as null (gin could not write it as text) takes its default."""
     import shutil
 
     import arforge
@@ -250,7 +261,9 @@ def test_runs_recorded_before_the_guidance_rename_still_load(outside, tiny_home)
         key = key.replace("guidance.", "samplers.").replace("jobs.sample.guidance", "jobs.sample.sampler")
         renamed[key] = value.replace("@guidance.", "@samplers.").replace("'pipeline:", "'outputs:quickstart/pipeline/")
     assert "jobs.sample.sampler" in renamed and "samplers.cfg_linear.end" in renamed
+    renamed["samplers.cfg_linear.start"] = None
     (old / "run.json").write_text(json.dumps({**state, "bindings": renamed}))
     run = arforge.load("legacy/sample", device="cpu")
     assert type(run.guidance).__name__ == "LinearCFG" and "1.5" in repr(run.guidance)
+    assert "records no gin text for guidance.cfg_linear.start" in capsys.readouterr().out
     assert run.checkpoints["model"].startswith(str(stages / "ar/checkpoints/step_00000003"))

@@ -253,6 +253,15 @@ def bindings_of(scope: str, selector: str) -> dict[str, Any]:
                             inherit_scopes=False)
 
 
+def full_selector(selector: str) -> str | None:
+    """The complete selector gin resolves ``selector`` to (``pipeline`` -> ``jobs.pipeline``), as
+    it resolves ``@selector`` in a gin file; None when it names no configurable, or more than one."""
+    try:
+        return gin.config.ConfigurableReference(selector, evaluate=False).configurable.selector
+    except (ValueError, KeyError):  # unknown; ambiguous
+        return None
+
+
 def _macro_defined(name: str) -> bool:
     try:
         return "value" in bindings_of(name, "gin.macro")

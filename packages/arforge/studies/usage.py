@@ -26,18 +26,11 @@ from arforge import launch as _launch
 from arforge.errors import ConfigError
 # The walk from launch.job is the launch layer's too (a run logs the bindings of the calls it
 # makes); Call and calls_from_launch stay importable from here.
-from arforge.gin_parsing import Call, applied, calls_from_launch  # noqa: F401
+from arforge.gin_parsing import Call, applied, bindings_of, calls_from_launch, full_selector  # noqa: F401
 from arforge.studies.space import INDEXED
 
 # The launch.* settings jobs.pipeline hands on to its stages (pipeline.py: _FORWARDED_LAUNCH).
 _FORWARDED_LAUNCH = ("device", "precision", "seed")
-
-
-def _canonical(selector: str) -> str | None:
-    try:
-        return gin.config._REGISTRY.get_match(selector).selector  # noqa: SLF001
-    except (KeyError, ValueError):
-        return None
 
 
 def reads(name: str, calls: Iterable[Call]) -> bool:
@@ -45,7 +38,7 @@ def reads(name: str, calls: Iterable[Call]) -> bool:
     m = INDEXED.match(name)
     base = m["base"] if m else name
     scope, _, rest = base.rpartition("/")
-    selector = _canonical(rest.rpartition(".")[0])
+    selector = full_selector(rest.rpartition(".")[0])
     if selector is None:
         return False
     return applied(scope, selector, set(calls))
@@ -78,13 +71,13 @@ def launch_calls(launch_file: str | os.PathLike, bindings: Sequence[str] = (), *
     calls = calls_from_launch()
     stages: list[Path] = []
     stage_binds: list[str] = []
-    pipeline = _canonical("jobs.pipeline")
-    job = gin.config._CONFIG.get(("", "arforge.launch"), {}).get("job")  # noqa: SLF001
+    pipeline = full_selector("jobs.pipeline")
+    job = bindings_of("", "arforge.launch").get("job")
     if pipeline is not None and isinstance(job, gin.config.ConfigurableReference) \
             and job.configurable.selector == pipeline and _depth < 8:
         own = {}
         for k in range(len(job.scopes) + 1):
-            own.update(gin.config._CONFIG.get(("/".join(job.scopes[:k]), pipeline), {}))  # noqa: SLF001
+            own.update(bindings_of("/".join(job.scopes[:k]), pipeline))
         names = [str(_literal(s)) for s in _literal(own.get("stages", ()))]
         only = [str(_literal(s)) for s in _literal(own.get("only", ()))]
         stages = [launch_file.parent / s for s in names if not only or Path(s).stem in only]
