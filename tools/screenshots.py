@@ -91,7 +91,7 @@ def make_demo_study(folder: Path) -> str:
     rng = np.random.default_rng(2)
     np.savez(folder / "reference.npz", arr_0=rng.integers(0, 256, size=(16, SIDE, SIDE, 3), dtype=np.uint8),
              arr_1=np.arange(16, dtype=np.int64) % 2)
-    _write(folder / "sample.gin", f"""
+    _write(folder / "sample.gin", """
         launch.experiment = "demo"
         launch.device = "cpu"
         launch.run_name = "sample"
