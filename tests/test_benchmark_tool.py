@@ -104,3 +104,13 @@ def test_bad_options_are_refused_naming_them(bench, capsys, tmp_path, argv, need
 
 def test_upstream_commit_of_a_folder_that_is_no_checkout(bench, tmp_path):
     assert bench.upstream_commit(tmp_path) == "unknown (not a git checkout)"
+
+
+def test_with_usage_passes_the_result_through_and_logs_cpu_times_and_page_faults(bench):
+    log = []
+    run = bench.with_usage(lambda: bytearray(1 << 20), log)  # 1 MiB of fresh memory
+    assert len(run()) == 1 << 20 and len(run()) == 1 << 20
+    assert len(log) == 2
+    for entry in log:
+        assert set(entry) == {"user_s", "sys_s", "minor_faults"}
+        assert entry["user_s"] >= 0 and entry["sys_s"] >= 0 and entry["minor_faults"] >= 0
