@@ -30,9 +30,11 @@ not compared. With ``--dtype bfloat16`` the check still runs in float32 (the two
 differently in bf16); the share of equal top-1 tokens in bf16 is printed, not asserted.
 
 **Timing.** One warm-up run of each side, then ``--repeats`` rounds of upstream, arforge
-(A B A B ...); printed: each run, the medians, the spread (min-max), the ratio upstream/arforge
-of the medians and of the best runs, and the machine (CPU model, cores, torch threads, torch
-version, dtype, load average).
+(A B A B ...); printed: each run with its process user/sys CPU time and minor page faults (where a
+run lost time to the kernel rather than to arithmetic), the medians, the spread (min-max), the
+ratio upstream/arforge of the medians and of the best runs, and the machine (CPU model, cores,
+torch threads, torch version, dtype, load average). On a shared machine use ``--threads 1``:
+with more threads than free cores, OpenMP barriers wait on descheduled threads.
 
 **``--positions N``** decodes only the first N positions of each image on both sides, with every
 cache, mask and CFG schedule sized for the full sequence, so each timed position costs what it
