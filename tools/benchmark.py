@@ -500,7 +500,11 @@ def bench_against(args) -> dict[str, Any]:
     if dtype != torch.float32:
         up_model.to(dtype)
         ours.to(dtype)
-        a = up.sample(up_model, check_labels, top_k=1, positions=N)
+        try:
+            a = up.sample(up_model, check_labels, top_k=1, positions=N)
+        except RuntimeError as e:  # Open-MAGVIT2: apply_rotary_emb returns fp32 keys (gpt.py:288) for a bf16 cache
+            raise SystemExit(f"upstream {UPSTREAM_REPOS[family]} does not run with {args.dtype} weights here "
+                             f"({str(e).splitlines()[0]}); time it in float32") from None
         b = arforge_generate(ours, check_labels, guide, top_k=1, positions=N)
         same = (a == b).all(-1)  # (B, N): every sub-token of the position equal
         first = [int(row.logical_not().nonzero()[0]) if not bool(row.all()) else N for row in same]
