@@ -24,6 +24,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("plumbing") is None:
             item.add_marker("numeric")
+    # The re-run is the longest single test (minutes): scheduled first, it overlaps the rest of
+    # the suite on the other worker instead of running alone at the end.
+    items.sort(key=lambda item: item.path.name != "test_portability.py")
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,9 @@ class Killed(Exception):
 
 def _worker(rank: int, world: int, store: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     # What torchrun exports; arforge reads LOCAL_RANK (and the rest once the group exists).
+    import faulthandler
+
+    faulthandler.enable()  # a native crash in a rank prints that rank's Python stack, not only a signal name
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.manual_seed(1000 + rank)  # a fresh process: nothing may depend on the RNG it starts with
