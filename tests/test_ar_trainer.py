@@ -262,6 +262,43 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
             assert torch.equal(v, resumed.weights[name][k]), (name, k)
 
 
+def test_resume_from_a_checkpoint_without_scheduler_state_matches_uninterrupted(tmp_path, monkeypatch):
+    """Checkpoints written before the LR scheduler was saved resume exactly: the scheduler is
+    placed from the checkpoint's step (a warm-up + cosine schedule, EMA on)."""
+    from arforge.trainers import common
+
+    kwargs = dict(dataset=_fixed_data(), steps=10, batch_size=4, lr=1e-3, ema_decay=0.9, lr_schedule="cosine",
+                  warmup_steps=3, end_factor=0.1, save_every=4, log_checkpoint=False)
+    train_ar(local_context(tmp_path / "full"), model=_dropout_model(), **kwargs)
+    full = ck.load_checkpoint(tmp_path / "full" / "checkpoints")
+    assert "schedulers" in full.state and full.state["schedulers"]["opt"]["last_epoch"] == 10
+
+    real_save = common.TrainLoop.save
+
+    def save_as_before_then_die(self):
+        schedulers, self.schedulers = self.schedulers, {}
+        try:
+            path = real_save(self)
+        finally:
+            self.schedulers = schedulers
+        if self.step == 8:
+            raise Killed()
+        return path
+
+    monkeypatch.setattr(common.TrainLoop, "save", save_as_before_then_die)
+    with pytest.raises(Killed):
+        train_ar(local_context(tmp_path / "part"), model=_dropout_model(), **kwargs)
+    monkeypatch.undo()
+    assert not ck.load_checkpoint(tmp_path / "part" / "checkpoints").state["schedulers"]
+    torch.manual_seed(999)
+    train_ar(local_context(tmp_path / "part"), model=_dropout_model(), **kwargs)
+    resumed = ck.load_checkpoint(tmp_path / "part" / "checkpoints")
+    assert resumed.step == 10
+    for name in ("model", "ema"):
+        for k, v in full.weights[name].items():
+            assert torch.equal(v, resumed.weights[name][k]), (name, k)
+
+
 def test_codes_that_do_not_fit_are_clear_errors(tmp_path):
     from arforge_plugins.heads.linear_head import LinearHead
     from arforge_plugins.factorizations.token_factorizations import IdentityFactorization

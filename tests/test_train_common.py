@@ -30,6 +30,148 @@ def test_ema_recurrence_and_buffers():
         tc.EMA(m, decay=1.0)
 
 
+def _ema_test_model():
+    return torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
+                               torch.nn.Linear(4, 3, bias=False))
+
+
+def _perturb(m, step):
+    g = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+    m.train()(torch.randint(0, 5, (6,)))  # moves the live model's BN running stats
+
+
+def test_ema_equals_the_old_lerp_recurrence_bit_for_bit():
+    """EMA (AveragedModel + get_ema_multi_avg_fn) and ShardedEMA (the same function on local
+    tensors) are p_ema.lerp_(p, 1 - decay) from an exact copy, to the bit; buffers keep the
+    values copied at construction; the checkpoint keys are the model's own."""
+    from arforge.trainers.parallel import ShardedEMA
+
+    torch.manual_seed(0)
+    m = _ema_test_model()
+    decay = 0.9
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
+    ema, sharded = tc.EMA(m, decay=decay), ShardedEMA(m, decay=decay)
+    assert list(ema.state_dict()) == list(m.state_dict())  # no "module." prefix, no n_averaged
+    for step in range(5):
+        _perturb(m, step)
+        for n, p in m.named_parameters():
+            ref[n].lerp_(p.detach(), 1.0 - decay)
+        ema.update(m)
+        sharded.update(m)
+        sd = ema.state_dict()
+        for n in ref:
+            assert torch.equal(sd[n], ref[n]), (step, n)
+            assert torch.equal(sharded.shadow[n], ref[n]), (step, n)
+    for n, b in buffers.items():
+        assert torch.equal(ema.state_dict()[n], b), n
+    assert not torch.equal(m[2].running_mean, buffers["2.running_mean"])  # the live stats did move
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_loaded_from_a_checkpoint_keeps_averaging():
+    """A resumed EMA loads today's checkpoint layout (the model's state dict) and its next
+    update averages, never re-copies the live weights."""
+    torch.manual_seed(0)
+    m = _ema_test_model()
+    first = tc.EMA(m, decay=0.9)
+    for step in range(3):
+        _perturb(m, step)
+        first.update(m)
+    torch.manual_seed(1)
+    resumed = tc.EMA(_ema_test_model(), decay=0.9)  # another start, overwritten by the load
+    resumed.load_state_dict(first.state_dict())
+    assert int(resumed.averaged.n_averaged) >= 1
+    _perturb(m, 3)
+    first.update(m)
+    resumed.update(m)
+    for n, v in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[n], v), n
+    assert not torch.equal(resumed.state_dict()["1.weight"], m[1].weight.detach())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        resumed.load_state_dict({k: v for k, v in first.state_dict().items() if k != "1.bias"})
+
+
+_SCHEDULES = [tc.Schedule(),
+              tc.Schedule(kind="step", milestones=(3, 7, 7, 12), gamma=0.1),
+              tc.Schedule(kind="cosine", total_steps=20, warmup_steps=4, end_factor=1 / 3),
+              tc.Schedule(kind="warmup_hold_linear", total_steps=25, warmup_steps=5)]
+
+
+def _opt(lrs=(3e-4, 1e-4)):
+    return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2))], "lr": lr} for lr in lrs],
+                             lr=lrs[0])
+
+
+@pytest.mark.parametrize("schedule", _SCHEDULES, ids=lambda s: s.kind)
+def test_lambda_lr_gives_the_schedule_bit_for_bit(schedule):
+    """During iteration ``it`` every group's lr is exactly base_lr * schedule(it), the value the
+    trainers set by hand before LambdaLR drove them (also past total_steps)."""
+    opt = _opt()
+    schedulers = {"opt": tc.lr_scheduler(opt, schedule)}
+    for it in range(30):
+        assert [g["lr"] for g in opt.param_groups] == [3e-4 * schedule(it), 1e-4 * schedule(it)], it
+        opt.step()
+        tc.step_schedulers(schedulers)
+
+
+def test_step_schedule_is_multisteplr_up_to_rounding():
+    """``step`` is MultiStepLR's schedule, computed as gamma ** k (MultiStepLR multiplies in place)."""
+    s = tc.Schedule(kind="step", milestones=(3, 7, 12), gamma=0.1)
+    opt = _opt((1e-3,))
+    ms = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 7, 12], gamma=0.1)
+    for it in range(15):
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * s(it), rel=1e-12)
+        opt.step()
+        ms.step()
+
+
+@pytest.mark.parametrize("schedule", _SCHEDULES[1:], ids=lambda s: s.kind)
+def test_scheduler_state_resumes_exactly_and_old_checkpoints_derive_it(schedule):
+    import io
+
+    opt = _opt()
+    sched = {"opt": tc.lr_scheduler(opt, schedule)}
+    for _ in range(9):
+        opt.step()
+        tc.step_schedulers(sched)
+    buf = io.BytesIO()
+    torch.save({"schedulers": {"opt": tc.scheduler_state(sched["opt"])}, "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # the checkpoint's state file is read this way
+
+    def resumed(state):
+        opt2 = _opt()
+        s2 = {"opt": tc.lr_scheduler(opt2, schedule)}
+        opt2.load_state_dict(saved["opt"])
+        if state is None:  # a checkpoint from before schedulers were saved: its optimizer has no initial_lr
+            for g in opt2.param_groups:
+                g.pop("initial_lr", None)
+                g["lr"] = 123.0  # and held the previous iteration's lr
+        tc.restore_scheduler(s2["opt"], state, 9)
+        return opt2, s2
+
+    for state in (saved["schedulers"]["opt"], None):
+        opt2, s2 = resumed(state)
+        assert s2["opt"].last_epoch == 9
+        ref_opt = _opt()
+        ref = {"opt": tc.lr_scheduler(ref_opt, schedule)}  # the uninterrupted run
+        for _ in range(9):
+            ref_opt.step()
+            tc.step_schedulers(ref)
+        for it in range(9, 30):
+            assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in ref_opt.param_groups], it
+            assert s2["opt"].get_last_lr() == [3e-4 * schedule(it), 1e-4 * schedule(it)], it
+            for o, sc in ((opt2, s2), (ref_opt, ref)):
+                o.step()
+                tc.step_schedulers(sc)
+    with pytest.raises(tc.ck.CheckpointError, match="saved at iteration 9"):
+        tc.restore_scheduler(tc.lr_scheduler(_opt(), schedule), saved["schedulers"]["opt"], 8)
+
+
 def test_param_groups_ndim_and_parity_rule():
     m = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     g = tc.param_groups(m, weight_decay=0.05)

@@ -25,7 +25,8 @@ from torch import nn
 from arforge import validation as V
 from arforge.data.image_datasets import DataError
 from arforge.errors import ArforgeError
-from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, param_groups, set_lr
+from arforge.trainers.common import (EMA, InfiniteLoader, Schedule, TrainLoop, lr_scheduler, param_groups,
+                                     step_schedulers)
 from arforge.trainers.held_out import HeldOutCodes, unweighted_nll
 from arforge.trainers.parallel import (PARALLEL, FSDPModelState, FSDPOptimState, ShardedEMA, _unwrap,
                                        fully_shard_units, uses_fsdp, wrap_ddp)
@@ -192,6 +193,7 @@ def train_ar(
     opt = torch.optim.AdamW(param_groups(inner, weight_decay=weight_decay, rule=decay_rule), lr=lr, betas=betas,
                             fused=device.type == "cuda")
     schedule = Schedule(kind=lr_schedule, total_steps=steps, warmup_steps=warmup_steps, end_factor=end_factor)
+    schedulers = {"opt": lr_scheduler(opt, schedule)}  # lr = lr * schedule(step), checkpointed with the run
     scaler = ctx.precision.grad_scaler(device)
     ema = (ShardedEMA(inner, decay=ema_decay) if fsdp else EMA(inner, decay=ema_decay)) if ema_decay else None
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
@@ -199,10 +201,10 @@ def train_ar(
                             collate_fn=_collate_images if tokenizer is not None else _collate_codes)
     weights: dict[str, Any] = {"model": FSDPModelState(wrapped) if fsdp else inner}
     if ema is not None:
-        weights["ema"] = ema if fsdp else ema.model
+        weights["ema"] = ema
     optimizers: dict[str, Any] = {"opt": FSDPOptimState(wrapped, opt) if fsdp else opt}
     loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=optimizers,
-                     extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
+                     extra={"scaler": scaler} if scaler.is_enabled() else {}, schedulers=schedulers, loader=loader,
                      save_every=save_every, keep_last=keep_last, log_every=log_every,
                      config={"job": "train_ar", "codebook_sizes": list(fac.codebook_sizes),
                              "vocab_sizes": list(fac.vocab_sizes), "block_size": inner.block_size,
@@ -235,7 +237,6 @@ def train_ar(
     t_last, tokens_since = time.time(), 0
     last: dict[str, float] = {}
     while loop.step < steps:
-        set_lr(opt, lr * schedule(loop.step))
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for micro in range(grad_accum):
@@ -265,6 +266,8 @@ def train_ar(
         scaler.update()
         if ema is not None:
             ema.update(inner)
+        step_lr = opt.param_groups[0]["lr"]  # the lr this step used, logged below
+        step_schedulers(schedulers)
         loop.step += 1
         loop.check_weights()
         bar.update(1)
@@ -276,7 +279,7 @@ def train_ar(
                 torch.distributed.all_reduce(vec)
                 sums = {k: float(v) / ctx.dist.world_size for k, v in zip(keys, vec.tolist())}
             last = {f"train/{k}": v for k, v in sums.items()}
-            last["train/lr"] = opt.param_groups[0]["lr"]
+            last["train/lr"] = step_lr
             last["train/tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
             if gnorm is not None:
                 last["train/grad_norm"] = float(gnorm)

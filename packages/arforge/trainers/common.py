@@ -1,11 +1,12 @@
 """Pieces shared by the tokenizer and AR trainers.
 
-* :class:`EMA` -- an exact-copy EMA over parameters (LlamaGen ``update_ema``;
-  Open-MAGVIT2 ``LitEma`` with the warm-up disabled is the same recurrence).
+* :class:`EMA` -- an exact-copy EMA over parameters on ``AveragedModel`` (LlamaGen
+  ``update_ema``; Open-MAGVIT2 ``LitEma`` with the warm-up disabled is the same recurrence).
 * :func:`param_groups` -- AdamW decay groups (docs/llamagen.md#ar-model-training: decay tensors
   with >= 2 dims, never norms or biases; IAR2's name-based rule as a parity option).
-* :func:`lr_multiplier` -- constant, cosine, Open-MAGVIT2 warm-up/hold/linear,
-  and step decay, as pure functions of the iteration.
+* :class:`Schedule` -- constant, cosine, Open-MAGVIT2 warm-up/hold/linear,
+  and step decay, as pure functions of the iteration, driven by ``LambdaLR``
+  (:func:`lr_scheduler`) and checkpointed with the run.
 * :class:`TrainLoop` -- checkpoint/resume with RNG states (exact resume), the
   NaN guard, periodic logging and a progress bar.
 
@@ -20,10 +21,10 @@ that is verified finite; resume skips (and moves aside) any that is not.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -31,10 +32,13 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from arforge import checkpoint as ck
 from arforge.errors import ArforgeError
-from arforge.trainers.parallel import _local, _unwrap, any_rank, barrier, gather_objects, rank_world
+from arforge.trainers.parallel import (_local, _unwrap, any_rank, apply_multi_avg_fn, barrier, gather_objects,
+                                       rank_world)
 
 
 class DivergenceError(ArforgeError):
@@ -56,30 +60,58 @@ class UpdateOverflowError(DivergenceError):
 
 # ----------------------------------------------------------------------- EMA
 class EMA:
-    """p_ema <- decay * p_ema + (1 - decay) * p over parameters; buffers are copied as-is.
+    """p_ema <- decay * p_ema + (1 - decay) * p over parameters; buffers keep their copied values.
 
-    Starts as an exact copy of the model (LlamaGen ``utils/ema.py``). Only the
-    modules handed in are tracked -- the trainers pass the generator, never the
+    Built on ``torch.optim.swa_utils``: an ``AveragedModel`` holds the copy and its count,
+    and the update is its ``get_ema_multi_avg_fn(decay)``, whose
+    ``torch._foreach_lerp_(ema, p, 1 - decay)`` is, element for element, the
+    ``p_ema.lerp_(p, 1 - decay)`` arforge used before (the foreach kernels run the same lerp
+    per tensor). Starts as an exact copy of the model (LlamaGen ``utils/ema.py``; Open-MAGVIT2
+    ``LitEma`` with the warm-up disabled is the same recurrence): the copy counts as the first
+    average (``n_averaged = 1``), so the first update already averages.
+
+    Hand-written on purpose: the function is applied to the parameters here rather than
+    through ``AveragedModel.update_parameters``, which with ``use_buffers=False`` copies the
+    live model's buffers into the EMA at every update (and with ``use_buffers=True`` averages
+    them). LlamaGen's ``update_ema`` and ``LitEma`` touch parameters only, so the EMA's
+    buffers keep the values copied at construction (or loaded from a checkpoint); doing it
+    here also spares copying every buffer (rotary tables, caches) each step.
+    Only the modules handed in are tracked -- the trainers pass the generator, never the
     discriminator (docs/open_magvit2.md#differences-from-upstream).
+
+    ``state_dict``/``load_state_dict`` are the tracked model's own (no ``module.`` prefix,
+    no ``n_averaged``), so checkpoints keep the layout they had before ``AveragedModel``.
     """
 
     def __init__(self, model: nn.Module, *, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.averaged = AveragedModel(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.averaged.module.eval().requires_grad_(False)
+        self.averaged.n_averaged.fill_(1)  # the deepcopy is the first average
+
+    @property
+    def model(self) -> nn.Module:
+        """The averaged copy (what is evaluated and checkpointed)."""
+        return self.averaged.module
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         src = dict(_unwrap(model).named_parameters())
-        for name, p in self.model.named_parameters():
-            p.lerp_(src[name].detach().to(p.dtype), 1.0 - self.decay)
+        pairs = [(p, src[name].detach()) for name, p in self.model.named_parameters()]
+        apply_multi_avg_fn(self.averaged.multi_avg_fn, pairs, self.averaged.n_averaged)
+        self.averaged.n_averaged += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         self.model.load_state_dict(sd, strict=True)
+        # Loaded weights are an average already: the next update averages, never re-copies.
+        # (The count itself is not checkpointed: the EMA average does not depend on it.)
+        if int(self.averaged.n_averaged) < 1:
+            self.averaged.n_averaged.fill_(1)
 
 
 # -------------------------------------------------------------- decay groups
@@ -159,9 +191,60 @@ class Schedule:
         return self.wpe + (1 - self.wpe) * (1 - f) / 0.95
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> LambdaLR:
+    """``torch.optim.lr_scheduler.LambdaLR`` driving every group of ``optimizer`` by ``schedule``.
+
+    The multipliers stay hand-written in :class:`Schedule` because they must match their
+    references exactly (Open-MAGVIT2's ``lr_wd_annealing``, IAR2's cosine down to an end
+    factor); ``step`` is ``MultiStepLR``'s schedule but computed as ``gamma ** k`` from the
+    iteration, since ``MultiStepLR`` multiplies the current lr in place (``lr * 0.1 * 0.1``
+    is not ``lr * 0.1 ** 2`` in floating point) and could not be derived from the step of an
+    older checkpoint. ``LambdaLR`` sets ``lr = base_lr * schedule(it)``, the same product as
+    before. The trainers call :func:`step_schedulers` after each iteration's optimizer
+    steps, so during iteration ``it`` (0-based) the lr is ``base_lr * schedule(it)``.
+    """
+    return LambdaLR(optimizer, lr_lambda=schedule)
+
+
+def step_schedulers(schedulers: Mapping[str, LRScheduler]) -> None:
+    """Advance every scheduler by one iteration. The schedule is a function of the
+    iteration, also for an optimizer that skipped its step (a GradScaler skip, IAR2's E1
+    optimizer stepping one iteration in three): torch's warning about a scheduler stepped
+    before its optimizer does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for s in schedulers.values():
+            s.step()
+
+
+def scheduler_state(scheduler: LRScheduler) -> dict[str, Any]:
+    """What a checkpoint keeps of a scheduler: its position and last lrs. The schedule's
+    shape (``lr_lambdas``) comes from the run's config, as the peak lr does."""
+    sd = scheduler.state_dict()
+    sd.pop("lr_lambdas", None)
+    return sd
+
+
+def restore_scheduler(scheduler: LRScheduler, saved: Mapping[str, Any] | None, step: int) -> None:
+    """Resume ``scheduler`` at iteration ``step``: from its saved state, or, for a checkpoint
+    written before schedulers were checkpointed, from ``step`` alone (the schedule is a pure
+    function of the iteration). The peak lrs (``base_lrs``) stay the run's own, so a resumed
+    run with an edited lr uses it, as before; every group's lr is then set from the schedule
+    (an older checkpoint's optimizer holds the previous iteration's lr)."""
+    if saved is not None:
+        if int(saved["last_epoch"]) != step:
+            raise ck.CheckpointError(f"the LR scheduler was saved at iteration {saved['last_epoch']} but the "
+                                     f"checkpoint is of step {step}; the checkpoint is inconsistent")
+        state = {k: v for k, v in saved.items() if k not in ("base_lrs", "_last_lr")}
+        state["lr_lambdas"] = [None] * len(getattr(scheduler, "lr_lambdas", []))
+        scheduler.load_state_dict(state)
+    else:
+        scheduler.last_epoch = step
+        scheduler._step_count = step + 1  # noqa: SLF001  (as if stepped once per iteration)
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # noqa: SLF001
 
 
 # ----------------------------------------------------------------- RNG state
@@ -370,6 +453,8 @@ class TrainLoop:
     weights: dict[str, Any]
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # objects with state_dict/load_state_dict
+    #: LR schedulers (:func:`lr_scheduler`), stepped once per iteration; checkpointed and restored
+    schedulers: dict[str, LRScheduler] = field(default_factory=dict)
     loader: InfiniteLoader | None = None
     save_every: int = 0
     keep_last: int = 2
@@ -404,6 +489,9 @@ class TrainLoop:
             self.loader.load_state(loaded.state["loader"])
         self._restore_rng(loaded.state, path)
         self.step = loaded.step
+        saved_schedulers = loaded.state.get("schedulers", {})
+        for name, scheduler in self.schedulers.items():
+            restore_scheduler(scheduler, saved_schedulers.get(name), self.step)
         self.ctx.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -465,6 +553,7 @@ class TrainLoop:
         rng = rng_state()
         state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                  "extra": {n: o.state_dict() for n, o in self.extra.items()},
+                 "schedulers": {n: scheduler_state(s) for n, s in self.schedulers.items()},
                  "rng": rng, "rng_per_rank": gather_objects(self.ctx, rng), "step": self.step}
         # Checked on every rank (ranks without a full copy find nothing) and agreed on, so all
         # ranks stop together instead of the others waiting in the next collective.

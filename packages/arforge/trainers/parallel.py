@@ -109,6 +109,21 @@ class FSDPOptimState:
 
 
 # --------------------------------------------------------------------- EMA
+@torch.no_grad()
+def apply_multi_avg_fn(multi_avg_fn: Any, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       num_averaged: Any = None) -> None:
+    """``multi_avg_fn(averaged, current, num_averaged)`` (``torch.optim.swa_utils``'s form) over
+    ``(averaged, current)`` pairs, grouped by the averaged tensors' (device, dtype) as
+    ``AveragedModel.update_parameters`` groups them; ``current`` is moved/cast to match."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for avg, cur in pairs:
+        avg_list, cur_list = groups.setdefault((avg.device, avg.dtype), ([], []))
+        avg_list.append(avg)
+        cur_list.append(cur.to(device=avg.device, dtype=avg.dtype))
+    for avg_list, cur_list in groups.values():
+        multi_avg_fn(avg_list, cur_list, num_averaged)
+
+
 class ShardedEMA:
     """The EMA of an FSDP-sharded model, kept sharded: each rank averages its own shards.
 
@@ -118,19 +133,29 @@ class ShardedEMA:
     every rank calls it, as ``TrainLoop.save`` does) under the model's own names, so the
     checkpoint is the one a single-process run writes; ``load_state_dict`` keeps each
     rank's shard of the full tensors. Buffers are replicated under FSDP and copied as-is.
+
+    The update is ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)``, the function
+    ``common.EMA``'s ``AveragedModel`` applies, here applied to the local shards.
+    ``AveragedModel`` itself cannot hold this EMA: it deep-copies the module, and a copy
+    of an FSDP2 module carries the original's sharding state, hooks and process group
+    (its forward would all-gather, its parameters are DTensors), while this EMA must be
+    plain local tensors that no collective touches.
     """
 
     def __init__(self, model: nn.Module, *, decay: float):
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.model = model
         self.shadow = {n: _local(p).detach().clone() for n, p in model.named_parameters()}
+        self._ema_update = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(_local(p).detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+        pairs = [(self.shadow[name], _local(p).detach()) for name, p in model.named_parameters()]
+        apply_multi_avg_fn(self._ema_update, pairs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())

@@ -32,7 +32,7 @@ from arforge import checkpoint as ck
 from arforge import validation as V
 from arforge.errors import ArforgeError
 from arforge.metrics import adm
-from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, set_lr
+from arforge.trainers.common import EMA, InfiniteLoader, Schedule, TrainLoop, lr_scheduler, step_schedulers
 from arforge.trainers.parallel import (PARALLEL, FSDPModelState, FSDPOptimState, ShardedEMA, _unwrap,
                                        all_reduce_grads, fully_shard_units, uses_fsdp, wrap_ddp)
 from arforge.viz import reconstruction_grid
@@ -238,8 +238,9 @@ def train_tokenizer(
     optimizers = {k: torch.optim.Adam(v, lr=lr, betas=betas) for k, v in groups.items()}
     if disc is not None:
         optimizers["disc"] = torch.optim.Adam(disc.parameters(), lr=disc_lr or lr, betas=disc_betas or betas)
-    base_lr = {k: (disc_lr or lr) if k == "disc" else lr for k in optimizers}
     schedule = Schedule(kind="step", milestones=tuple(lr_milestones), gamma=lr_gamma)
+    # Each optimizer's lr is its own peak lr times schedule(iteration), checkpointed with the run.
+    schedulers = {k: lr_scheduler(opt, schedule) for k, opt in optimizers.items()}
 
     ema = (ShardedEMA(tokenizer, decay=ema_decay) if fsdp else EMA(tokenizer, decay=ema_decay)) if ema_decay else None
     loader = InfiniteLoader(dataset, batch_size=batch_size, seed=ctx.seed, rank=ctx.dist.rank,
@@ -247,11 +248,11 @@ def train_tokenizer(
     weights: dict[str, Any] = {"model": FSDPModelState(tokenizer) if fsdp else tokenizer,
                                "loss": FSDPModelState(loss) if fsdp else loss}
     if ema is not None:
-        weights["ema"] = ema if fsdp else ema.model
+        weights["ema"] = ema
     states = {k: FSDPOptimState(disc if k == "disc" else tokenizer, opt) if fsdp else opt
               for k, opt in optimizers.items()}
     loop = TrainLoop(ctx=ctx, total_steps=steps, weights=weights, optimizers=states,
-                     extra={"scaler": scaler} if scaler.is_enabled() else {}, loader=loader,
+                     extra={"scaler": scaler} if scaler.is_enabled() else {}, schedulers=schedulers, loader=loader,
                      save_every=save_every, keep_last=keep_last, log_every=log_every,
                      config={"job": "train_tokenizer", "codebook_sizes": list(_unwrap(tokenizer).codebook_sizes),
                              "downsample": _unwrap(tokenizer).downsample},
@@ -291,8 +292,6 @@ def train_tokenizer(
     metrics: dict[str, float] = {}
     while loop.step < steps:
         it = loop.step
-        for k, opt in optimizers.items():
-            set_lr(opt, base_lr[k] * schedule(it))
         images, _ = next(loader)
         images = images.to(device, non_blocking=True)
         global_step = it + 1  # docs/llamagen.md#discriminator-and-gan-loss: GAN gating uses iteration index + 1
@@ -347,6 +346,8 @@ def train_tokenizer(
             with loop.guard_update():
                 scaler.step(optimizers["disc"])
         scaler.update()
+        step_lr = optimizers[next(iter(groups))].param_groups[0]["lr"]  # the lr this step used, logged below
+        step_schedulers(schedulers)
 
         loop.step += 1
         loop.check_weights()
@@ -359,7 +360,7 @@ def train_tokenizer(
             if d is not None:
                 metrics.update({f"train/{k}": float(v) for k, v in d.detached().items() if k != "loss"})
                 metrics["train/disc_loss"] = float(d.total.detach())
-            metrics["train/lr"] = optimizers[next(iter(groups))].param_groups[0]["lr"]
+            metrics["train/lr"] = step_lr
             metrics["train/images_per_s"] = images_since / max(now - t_last, 1e-9)
             metrics["data/skipped"] = _skipped(dataset)
             t_last, images_since = now, 0
