@@ -21,6 +21,8 @@ from arforge.data.extraction import local_context
 from arforge.tracking import Tracker
 from two_ranks import Killed, one_thread, run_on_ranks
 
+pytestmark = pytest.mark.multirank
+
 
 def _codes():
     from test_ar_trainer import _fixed_data

@@ -241,6 +241,7 @@ def _rank_main(tree: str, pattern: str, out: str) -> None:
     (Path(out) / f"loader{rank}.json").write_text(json.dumps(mine))
 
 
+@pytest.mark.multirank
 def test_two_ranks_write_every_sample_once_in_dataset_order(tree: Path, tmp_path: Path) -> None:
     info = write_image_shards(source=tree, output_dir=tmp_path / "shards", max_count=2, shuffle_seed=None,
                               verify=False, progress=False)  # 3 shards: rank 0 reads 2, rank 1 reads 1

@@ -192,6 +192,7 @@ def _rank_main(out: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
 
 
+@pytest.mark.multirank
 def test_two_ranks_write_the_same_file_as_one(tmp_path):
     single = _run(tmp_path / "single")
     out = tmp_path / "ddp"

@@ -100,6 +100,7 @@ def _resume_rank(out: str) -> None:
     (Path(out) / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps({"result": res, "calls": calls}))
 
 
+@pytest.mark.multirank
 def test_two_ranks_finish_what_one_rank_started(tmp_path, monkeypatch):
     """Each rank writes its own samples into the work file (no pixels gathered) and reads every ledger."""
     whole = _run(tmp_path / "whole", batch_size=BATCH)

@@ -30,6 +30,8 @@ from arforge import checkpoint as ck
 from arforge.data.extraction import local_context
 from two_ranks import Killed, one_thread, run_on_ranks
 
+pytestmark = pytest.mark.multirank
+
 STEPS, GLOBAL_BATCH = 3, 8
 SETUPS = ("vq_gan_lecam_ema", "lfq_entropy", "iar2_stage2")
 
