@@ -24,9 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("plumbing") is None:
             item.add_marker("numeric")
-    # The re-run is the longest single test (minutes): scheduled first, it overlaps the rest of
-    # the suite on the other worker instead of running alone at the end.
-    items.sort(key=lambda item: item.path.name != "test_portability.py")
+    # Longest modules first (pytest-xdist hands out whole modules in this order): the portability
+    # re-run and the multi-process tests overlap the many short modules on the other worker
+    # instead of one of them running alone at the end.
+    first = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
+#: the modules that take longest on two cores, longest first (measured with --durations)
+_LONGEST_FIRST = ("test_portability.py", "test_tokenizer_two_ranks.py", "test_torchrun_launch.py",
+                  "test_ar_two_ranks.py", "test_studies.py", "test_studies_journal.py",
+                  "test_tokenizer_trainer.py", "test_launch_files.py")
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +44,10 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("ARFORGE_GIN_PATH", raising=False)
     yield
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; monkeypatch restores only what it saw
+    # set, so a URI a test left behind would reach the next module fixture (set up before the
+    # next test's clean environment) and send its runs to that test's store.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(autouse=True)

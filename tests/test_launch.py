@@ -205,8 +205,12 @@ def test_arforge_run_logs_params_config_tags_metrics(tmp_path):
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["toy-experiment"], output_format="list")
+    # A client of its own: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI and
+    # send every later launch in this worker (a module fixture set up before the next test's
+    # clean environment) to this test's store.
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy-experiment")
+    runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "fit"
@@ -225,7 +229,6 @@ def test_arforge_run_logs_params_config_tags_metrics(tmp_path):
     assert tags["arforge.device"] == "cpu"
     assert "toy-jobs==0.3" in tags["arforge.plugins"]
     assert run.data.metrics["loss"] < 30
-    client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(6))
     assert history[-1].value < history[0].value

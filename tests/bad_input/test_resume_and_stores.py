@@ -73,9 +73,14 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     old = os.environ.get("ARFORGE_HOME")
     os.environ["ARFORGE_HOME"] = str(root / "home")
+    # Set up before any test's clean environment: a tracking URI left by an earlier test in
+    # this worker would send the run to another store.
+    leaked_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         assert cli.main(["run", str(_launch_file(root))]) == 0
     finally:
+        if leaked_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = leaked_uri
         if old is None:
             os.environ.pop("ARFORGE_HOME", None)
         else:
