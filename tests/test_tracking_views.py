@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from arforge import registry as reg
-from arforge.checkpoint import mark_loaded
+from test_guidance_names import names_tiny_model, names_tiny_tokenizer
 from test_studies import seed_mlflow_store
 
 pytestmark = [pytest.mark.plumbing, pytest.mark.usefixtures("one_thread")]  # names and places, not values
@@ -33,23 +33,12 @@ SIDE = 8  # the tiny VQ tokenizer's 4 x 4 tokens decode to 8 px
 
 def views_tiny_model():
     """A tiny LlamaGen GPT (32 codes, 4x4 tokens, 2 classes), weights set here."""
-    from arforge_plugins.models import ar_presets
-
-    torch.manual_seed(0)
-    model = ar_presets.llamagen_gpt("tiny", vocab_size=32, block_size=16, num_classes=2)
-    mark_loaded(model, "random weights set by the test")
-    return model
+    return names_tiny_model()
 
 
 def views_tiny_tokenizer():
     """A tiny VQ tokenizer with the model's 32 codes."""
-    from arforge_plugins.quantizers.vector_quantization import VectorQuantizer
-    from arforge_plugins.tokenizers import llamagen_vq
-
-    torch.manual_seed(0)
-    tokenizer = llamagen_vq.llamagen_vq_tokenizer(preset="tiny", quantizer=VectorQuantizer(codebook_size=32, dim=8))
-    mark_loaded(tokenizer, "random weights set by the test")
-    return tokenizer
+    return names_tiny_tokenizer()
 
 
 def _write(path: Path, text: str) -> Path:
