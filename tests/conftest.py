@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("plumbing") is None:
             item.add_marker("numeric")
-    # Longest modules first (pytest-xdist hands out whole modules in this order): the portability
+    # Longest modules first (pytest-xdist hands out whole modules in this order, kept by
+    # --no-loadscope-reorder in pyproject.toml; by default it reorders by test count): the portability
     # re-run and the multi-process tests overlap the many short modules on the other worker
     # instead of one of them running alone at the end.
     first = {name: i for i, name in enumerate(_LONGEST_FIRST)}

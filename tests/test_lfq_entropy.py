@@ -200,6 +200,7 @@ _WORKER = textwrap.dedent("""
     from arforge_plugins.quantizers.lookup_free_quantization import LookupFreeQuantizer
     rank, world, store, scope, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
     torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    torch.distributed.barrier()  # joining is no sync point: see tests/two_ranks.py
     torch.manual_seed(0)
     z_all = torch.randn(4, 10, 3, 3, dtype=torch.float64) * 0.05
     z = z_all[2 * rank: 2 * rank + 2].clone().requires_grad_(True)
@@ -208,10 +209,12 @@ _WORKER = textwrap.dedent("""
     sum(o.losses.values()).backward()
     json.dump({"hc": o.stats["codebook_entropy"].item(), "hs": o.stats["per_sample_entropy"].item(),
                "grad": z.grad.flatten().tolist()}, open(out, "w"))
+    torch.distributed.barrier()  # with the local scope no collective ran: neither rank may leave early
     torch.distributed.destroy_process_group()
 """)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_entropy_scope_across_two_ranks(tmp_path, scope):
     script = tmp_path / "worker.py"

@@ -93,9 +93,11 @@ def _lecam_rank(rank: int, world: int, init_file: str, out: str) -> None:
     lecam = tl.LeCAM()
     lecam(torch.full((4,), float(rank + 1)), torch.full((4,), -float(rank + 1)))
     torch.save(lecam.state_dict(), f"{out}.{rank}")
+    torch.distributed.barrier()  # joining is no sync point (tests/two_ranks.py): nobody leaves early
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multirank
 def test_lecam_means_are_all_reduced(tmp_path):
     import torch.multiprocessing as mp
 

@@ -3,6 +3,11 @@
 The ranks meet through a file store in the test's tmp dir, not a TCP port: a port found free
 and bound a moment later can be taken meanwhile by another test worker (it happened under
 ``pytest -n 2``).
+
+Creating a gloo group is not a synchronisation point (pytorch/pytorch#61396): a rank whose work
+needs no collective can finish and destroy its group while its peer is still connecting, and the
+peer then fails with "Gloo connectFullMesh failed ... Connection closed by peer" (it happened in
+CI, under load). So every rank meets the others at a barrier after joining and before leaving.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ def _worker(rank: int, world: int, store: str, fn: Callable[..., Any], kwargs: d
     torch.set_num_threads(1)
     torch.manual_seed(1000 + rank)  # a fresh process: nothing may depend on the RNG it starts with
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.distributed.barrier()  # every rank has connected before any can leave
     try:
         fn(**kwargs)
     except Killed:
         pass  # the "killed" run ends here on every rank
-    finally:
-        torch.distributed.destroy_process_group()
+    # Only a rank that finished waits for the others: one that raised must not block its peers
+    # (mp.spawn then stops them and reports the error).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run_on_ranks(fn: Callable[..., Any], tmp_dir: str | os.PathLike, *, world: int = 2, **kwargs: Any) -> None:
