@@ -193,6 +193,7 @@ def _digits_codes(tmp_path):
     return TokenCodeDataset(root=res.output_dir)
 
 
+@pytest.mark.coarse
 def test_tiny_model_beats_unigram_entropy_on_digits_codes(tmp_path):
     from arforge_plugins.heads.linear_head import LinearHead
     from arforge_plugins.factorizations.token_factorizations import IdentityFactorization
@@ -232,6 +233,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.coarse
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     from arforge.trainers import common
 

@@ -222,6 +222,7 @@ def test_write_shards_verifies_and_writes_json(tree: Path, tmp_path: Path) -> No
     assert sorted(s.label for s in samples) == [0, 0, 0, 1, 1, 2, 2]
 
 
+@pytest.mark.plumbing
 def test_make_shards_cli(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(tree), str(out),

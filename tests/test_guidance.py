@@ -11,7 +11,7 @@ import torch
 from arforge.ar_model import DecodeInfo
 from arforge.errors import ConfigError
 from arforge.generation import generate
-from arforge.guidance import (AdaptiveAttentionCFG, ConstantCFG, GuidedBatch, IntervalCFG, LinearCFG, NoGuidance,
+from arforge.guidance import (AdaptiveAttentionCFG, last_guided_position, ConstantCFG, GuidedBatch, IntervalCFG, LinearCFG, NoGuidance,
                               guidance_params, progress_weight)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +74,13 @@ def test_interval_guides_tokens_zero_to_interval():
     assert [s.scale(0, n, 16, INFO) for n in range(6)] == [2.0, 2.0, 2.0, 2.0, 1.0, 1.0]
     always = IntervalCFG(scale=(2.0, 3.0), interval=-1)
     assert all(always.scale(1, n, 16, INFO) == 3.0 for n in range(16))
+    # where the unconditional rows can be dropped: after position 3; never when guidance lasts
+    assert last_guided_position(s, 16) == 3 and last_guided_position(s, 4) is None
+    assert last_guided_position(always, 16) is None and last_guided_position(ConstantCFG(scale=2.0), 16) is None
+    batch = GuidedBatch(s, batch=2)
+    assert [n for n in range(16) if batch.ends_after(n, 16)] == [3] and batch.rows == 4
+    batch.end_guidance()
+    assert (batch.rows, batch.guided, batch.scale(0, INFO)) == (2, False, 1.0)
     for bad in (-2, 1.5):
         with pytest.raises(ConfigError, match="interval"):
             IntervalCFG(scale=2.0, interval=bad)

@@ -12,8 +12,10 @@ one process; comparisons of two computation paths need a tolerance derived from 
 Tests marked ``multirank`` are not re-run: each rank pins one intra-op thread, so the other thread
 count does not reach them, and they compare an N-rank run with a 1-rank run of the same ops under
 the same kernels (fp64, atol 1e-9, far above any kernel's rounding). The single-process numerics
-of those trainers are re-run here through their own tests. Leaving them out keeps the suite
-within its five minutes on two cores.
+of those trainers are re-run here through their own tests. Nor are tests marked ``coarse``: a
+training outcome against a wide threshold (PSNR above 14 dB, a loss below the unigram entropy),
+or a resume against an uninterrupted run of the same ops in one process, which other kernels
+leave bit-exact. Leaving both out keeps the suite within its five minutes on two cores.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def other_kernels_env(base: dict[str, str]) -> dict[str, str]:
 @pytest.mark.skipif(bool(os.environ.get(RERUN)), reason="this is the re-run")
 def test_numeric_tests_pass_under_other_kernels(tmp_path):
     env = other_kernels_env(dict(os.environ))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "numeric and not multirank", "-n", "0",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "numeric and not multirank and not coarse", "-n", "0",
            "--basetemp", str(tmp_path / "rerun"), str(REPO / "tests")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     setting = ", ".join(f"{k}={env[k]}" for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",

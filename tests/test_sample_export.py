@@ -129,6 +129,27 @@ def test_exactly_n_per_class_in_a_seeded_order_with_per_sample_content(tmp_path)
     assert tracker.metrics["sample/images_per_s"] > 0 and tracker.metrics["sample/tokens_per_s"] > 0
 
 
+def test_auto_batch_size_decodes_in_the_picked_batches_and_writes_the_same_file(tmp_path, monkeypatch):
+    from arforge import memory, sampling_job
+
+    pair = _llamagen_pair()
+    fixed = _run(tmp_path / "fixed", pair=pair)
+    per = memory.ar_bytes_per_image(pair[0], guided=True, dtype=torch.float32, device=torch.device("cpu"))
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: int(2 * 3.5 * per))  # room for 3 images
+    monkeypatch.setattr(sampling_job, "decode_bytes_per_image", lambda decode: (decode(), int(1.5 * per))[1])
+    decoded: list[int] = []
+    real = sampling_job.decode_tokens
+    monkeypatch.setattr(sampling_job, "decode_tokens", lambda tok, fac, sub, *a, **kw: decoded.append(len(sub)) or
+                        real(tok, fac, sub, *a, **kw))
+    tracker = FakeTracker()
+    auto = _run(tmp_path / "auto", tracker=tracker, pair=pair, batch_size="auto")
+    assert tracker.params["sample.batch_size"] == 3
+    # two one-image probes (the memory estimate, the image shape), then batches of 3 in chunks of 2
+    assert decoded == [1, 1, 2, 1, 2, 1, 2, 1]
+    with np.load(fixed["path"]) as a, np.load(auto["path"]) as b:  # per-sample seeds: the batch changes nothing
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
 def test_resize_to_eval_size_and_explicit_output(tmp_path):
     out = tmp_path / "sub" / "mine.npz"
     res = _run(tmp_path, output=out, eval_size=6, samples_per_class=1)

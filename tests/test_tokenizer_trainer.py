@@ -63,6 +63,7 @@ class RecordingTracker(Tracker):  # the base class no-ops what a test does not r
         pass
 
 
+@pytest.mark.coarse
 def test_psnr_rises_well_above_untrained(tmp_path, digits):
     train, val = digits
     tok = _vq()
@@ -90,6 +91,7 @@ def _train(out, steps, *, save_every=0, loss=None, seed=0, ema=None, digits=None
     return ck.load_checkpoint(out / "checkpoints")
 
 
+@pytest.mark.coarse
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, digits):
     # A GAN recipe with a discriminator exercises both optimizers and the LeCAM buffers.
     def gan_loss():
@@ -132,6 +134,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits, monkeyp
     assert all(torch.isfinite(v).all() for v in good.weights["model"].values())
 
 
+@pytest.mark.coarse
 def test_open_magvit2_lfq_tokenizer_trains(tmp_path, digits):
     torch.manual_seed(0)
     tok = open_magvit2_tokenizer(quantizer=LookupFreeQuantizer(bits=18), preset="tiny")

@@ -401,7 +401,7 @@ class Upstream:
             if self.family == "iar2":
                 self.gpt.torch = self._torch_of_infer
 
-    def sample(self, model, labels, *, top_k: int, positions: int):
+    def sample(self, model, labels, *, top_k: int, positions: int, cfg_interval: float = -1):
         """(B, N, K) token ids of the first N positions from upstream's own sampler (seeded)."""
         torch = self.torch
         torch.manual_seed(SEED)
@@ -411,7 +411,7 @@ class Upstream:
         null = torch.full_like(labels, 1000)
         with self._shims(dtype, record, stop), torch.no_grad(), contextlib.suppress(_Stop):
             if self.family == "llamagen":  # sample_c2i.py
-                self.gen.generate(model, labels, self.L, cfg_scale=4.0, cfg_interval=-1, temperature=1.0,
+                self.gen.generate(model, labels, self.L, cfg_scale=4.0, cfg_interval=cfg_interval, temperature=1.0,
                                   top_k=top_k, top_p=1.0, sample_logits=True)
             elif self.family == "iar2":  # what generate() would pass to sample()
                 cond = torch.cat([labels, null])[:, None]
@@ -439,24 +439,132 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def family_guidance(family: str, cfg_interval: float):
+    """The family's schedule; for LlamaGen with upstream's ``cfg_interval`` (a float, -1 = always)
+    the same scale as ``guidance.cfg_interval`` with that interval in token indices."""
+    fam = FAMILY[family]
+    if cfg_interval == -1:
+        return guidance(fam.guidance[0], **fam.guidance[1])
+    from arforge.guidance import IntervalCFG
+
+    return guidance("cfg_interval", scale=fam.guidance[1]["scale"],
+                    interval=IntervalCFG.from_upstream(cfg_scale=1.0, cfg_interval=cfg_interval).interval)
+
+
 def bench_alone(args) -> dict[str, Any]:
     fam = FAMILY[args.family]
     model = arforge_model(args.family, args.size).to(_dtype(args.dtype))
     L = model.block_size
     N = min(args.positions or L, L)
     labels = _labels(args.batch)
-    guide = guidance(fam.guidance[0], **fam.guidance[1])
+    guide = family_guidance(args.family, args.cfg_interval)
     top_k = fam.top_k if args.top_k is None else args.top_k
     m = machine(args.dtype)
     print(machine_line(m))
     print(f"arforge alone: models.{fam.model} size {args.size} ({model.num_params() / 1e6:.1f}M), batch {args.batch}, "
-          f"{fam.guidance[0]} {fam.guidance[1]}, top_k {top_k}, positions {N} of {L}", flush=True)
+          f"{guide!r}, top_k {top_k}, positions {N} of {L}", flush=True)
     times = alternate({"arforge": lambda: arforge_generate(model, labels, guide, top_k=top_k, positions=N)},
                       args.repeats, report=lambda n, r, dt: print(f"  run {r + 1} {n}: {dt:.3f} s", flush=True))
     for line in ratio_lines(times, unit="s", per=N, per_unit="per position"):
         print(line)
     return {"machine": m, "mode": "alone", "family": args.family, "size": args.size, "batch": args.batch,
             "positions": N, "L": L, "top_k": top_k, "times": times}
+
+
+def bf16_quality(model, labels, guide, *, top_k: int, positions: int, dtype) -> dict[str, Any]:
+    """What sampling in ``dtype`` (weights and caches cast, as the sample job does under
+    ``launch.precision = "bf16"``) changes against float32, on the same weights.
+
+    * teacher-forced: the fp32 model samples N positions (seeded, the family's top-k and
+      guidance); both models then score those tokens (``logits_full``) and we compare, per
+      sub-token, the top-1 agreement and the absolute logit difference (also relative to the
+      standard deviation of the fp32 logits);
+    * free-running greedy decode (``top_k = 1``) in both dtypes: the first position where
+      the tokens differ, per sample (after it the sequences diverge).
+    """
+    import copy
+
+    import torch
+
+    low = copy.deepcopy(model).to(dtype).eval()
+    L = model.block_size
+    with torch.no_grad():
+        tokens = arforge_generate(model, labels, guide, top_k=top_k, positions=positions)  # (B, N, K)
+        full = torch.zeros(tokens.shape[0], L, tokens.shape[2], dtype=tokens.dtype)
+        full[:, :positions] = tokens  # positions < N see tokens < N only (causal)
+        ref = model.logits_full(full, labels)
+        got = low.logits_full(full, labels)
+    per_subtoken = []
+    for k, (a, b) in enumerate(zip(ref, got)):
+        a, b = a[:, :positions].float(), b[:, :positions].float()  # (B, N, V_k)
+        diff = (a - b).abs()
+        per_subtoken.append({"subtoken": k, "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                             "logit_std": float(a.std()), "max_diff_over_std": float(diff.max() / a.std())})
+    with torch.no_grad():
+        g32 = arforge_generate(model, labels, guide, top_k=1, positions=positions)
+        g16 = arforge_generate(low, labels, guide, top_k=1, positions=positions)
+    same = (g32 == g16).all(-1)  # (B, N)
+    first = [int(row.logical_not().nonzero()[0]) if not bool(row.all()) else positions for row in same]
+    return {"teacher_forced": per_subtoken, "greedy_first_difference": first, "positions": positions}
+
+
+def bench_quality(args) -> dict[str, Any]:
+    fam = FAMILY[args.family]
+    model = arforge_model(args.family, args.size)
+    # arforge zero-initialises the output heads as upstream does (every logit 0): the fixtures'
+    # seeded O(1) draw instead, as the side-by-side mode gives both codes.
+    from make_parity_fixtures import _randomize
+
+    _randomize(model, SEED + 1)
+    L = model.block_size
+    N = min(args.positions or L, L)
+    labels = _labels(args.batch)
+    guide = family_guidance(args.family, args.cfg_interval)
+    top_k = fam.top_k if args.top_k is None else args.top_k
+    dtype = _dtype(args.dtype if args.dtype != "float32" else "bfloat16")
+    m = machine(str(dtype).replace("torch.", ""))
+    print(machine_line(m))
+    print(f"quality of {dtype} sampling against float32: models.{fam.model} size {args.size} "
+          f"({model.num_params() / 1e6:.1f}M, seeded weights), batch {args.batch}, {guide!r}, top_k {top_k}, "
+          f"positions {N} of {L}", flush=True)
+    q = bf16_quality(model, labels, guide, top_k=top_k, positions=N, dtype=dtype)
+    for row in q["teacher_forced"]:
+        print(f"  sub-token {row['subtoken']}: top-1 agreement {100 * row['top1_agreement']:.2f}%, |logit diff| "
+              f"max {row['max_abs_diff']:.4f} mean {row['mean_abs_diff']:.4f} (fp32 logit std "
+              f"{row['logit_std']:.3f}; max/std {row['max_diff_over_std']:.4f})")
+    print(f"  greedy decode: first differing position per sample {q['greedy_first_difference']} of {N}")
+    return {"machine": m, "mode": "quality", "family": args.family, "size": args.size, "batch": args.batch,
+            "top_k": top_k, **q}
+
+
+def bench_batches(args) -> dict[str, Any]:
+    """Images/s of arforge's cached decode against the batch size (``--batches 1,4,16``)."""
+    import torch
+
+    fam = FAMILY[args.family]
+    model = arforge_model(args.family, args.size).to(_dtype(args.dtype))
+    L = model.block_size
+    N = min(args.positions or L, L)
+    guide = family_guidance(args.family, args.cfg_interval)
+    top_k = fam.top_k if args.top_k is None else args.top_k
+    m = machine(args.dtype)
+    print(machine_line(m))
+    print(f"images/s against batch: models.{fam.model} size {args.size}, {guide!r}, top_k {top_k}, "
+          f"positions {N} of {L} (images/s counts whole images: batch / (time x L / N))", flush=True)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        labels = _labels(b)
+        times = alternate({f"batch {b}": lambda: arforge_generate(model, labels, guide, top_k=top_k, positions=N)},
+                          args.repeats)[f"batch {b}"]
+        st = summarize(times)
+        ips = b / (st.median * L / N)
+        rows.append({"batch": b, "times": times, "images_per_s": ips})
+        print(f"  batch {b:>4}: {st.median:.3f} s per batch (min {st.min:.3f}), {ips:.3f} images/s", flush=True)
+        del labels
+        model.release_caches()
+    return {"machine": m, "mode": "batches", "family": args.family, "size": args.size, "positions": N,
+            "dtype": args.dtype, "rows": rows, "torch": torch.__version__}
 
 
 def bench_against(args) -> dict[str, Any]:
@@ -473,12 +581,13 @@ def bench_against(args) -> dict[str, Any]:
     L = ours.block_size
     assert L == up.L, (L, up.L)
     N = min(args.positions or L, L)
-    guide = guidance(fam.guidance[0], **fam.guidance[1])
+    guide = family_guidance(family, args.cfg_interval)
+    ci = args.cfg_interval
     top_k = fam.top_k if args.top_k is None else args.top_k
     m = machine(args.dtype)
     print(machine_line(m))
     print(f"upstream: {UPSTREAM_REPOS[family]} at {commit} ({folder})")
-    print(f"model: {fam.title}; {ours.num_params() / 1e6:.1f}M parameters; batch {args.batch}; top_k {top_k}; "
+    print(f"model: {fam.title}; {guide!r}; {ours.num_params() / 1e6:.1f}M parameters; batch {args.batch}; top_k {top_k}; "
           f"positions {N} of {L}; weights: seeded upstream state dict -> temp file -> loaders.{fam.loader}",
           flush=True)
 
@@ -486,7 +595,7 @@ def bench_against(args) -> dict[str, Any]:
     check_b = min(args.batch, args.check_batch)
     check_labels = _labels(check_b)
     t0 = time.perf_counter()
-    want = up.sample(up_model, check_labels, top_k=1, positions=N)
+    want = up.sample(up_model, check_labels, top_k=1, positions=N, cfg_interval=ci)
     got = arforge_generate(ours, check_labels, guide, top_k=1, positions=N)
     if not torch.equal(want, got):
         bad = (want != got).any(-1).nonzero()
@@ -501,7 +610,7 @@ def bench_against(args) -> dict[str, Any]:
         up_model.to(dtype)
         ours.to(dtype)
         try:
-            a = up.sample(up_model, check_labels, top_k=1, positions=N)
+            a = up.sample(up_model, check_labels, top_k=1, positions=N, cfg_interval=ci)
         except RuntimeError as e:  # Open-MAGVIT2: apply_rotary_emb returns fp32 keys (gpt.py:288) for a bf16 cache
             raise SystemExit(f"upstream {UPSTREAM_REPOS[family]} does not run with {args.dtype} weights here "
                              f"({str(e).splitlines()[0]}); time it in float32") from None
@@ -515,7 +624,8 @@ def bench_against(args) -> dict[str, Any]:
 
     labels = _labels(args.batch)
     usage: dict[str, list[dict]] = {"upstream": [], "arforge": []}
-    runs = {"upstream": with_usage(lambda: up.sample(up_model, labels, top_k=top_k, positions=N), usage["upstream"]),
+    runs = {"upstream": with_usage(lambda: up.sample(up_model, labels, top_k=top_k, positions=N, cfg_interval=ci),
+                                   usage["upstream"]),
             "arforge": with_usage(lambda: arforge_generate(ours, labels, guide, top_k=top_k, positions=N),
                                   usage["arforge"])}
 
@@ -681,11 +791,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode only the first N positions (both sides; caches sized for the full sequence)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--top-k", type=int, default=None, help="top_k of the timed runs (default: upstream's default)")
+    ap.add_argument("--cfg-interval", type=float, default=-1,
+                    help="LlamaGen only: upstream's cfg_interval (guidance while the decode index <= it; -1: "
+                         "always); arforge runs guidance.cfg_interval with the same tokens guided and drops the "
+                         "unconditional rows after them")
     ap.add_argument("--check-batch", type=int, default=2, help="batch of the equal-token check")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--train", action="store_true", help="time a GPT-B train step instead (--against llamagen)")
     ap.add_argument("--train-steps", type=int, default=2, help="--train: timed steps per process")
     ap.add_argument("--train-child", choices=("upstream", "arforge"), help=argparse.SUPPRESS)
+    ap.add_argument("--quality", action="store_true",
+                    help="arforge alone: what bf16 sampling changes against fp32 (top-1 agreement, logit "
+                         "difference, first differing greedy token) instead of timing")
+    ap.add_argument("--batches", help="arforge alone: images/s for each of these batch sizes (e.g. 1,4,16,64)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -699,12 +817,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--against and --upstream-dir go together")
     if args.upstream_dir and not Path(args.upstream_dir).expanduser().is_dir():
         ap.error(f"--upstream-dir {args.upstream_dir} is not a folder")
+    if args.cfg_interval != -1 and (args.against or args.family) != "llamagen":
+        ap.error("--cfg-interval is LlamaGen's option (--against llamagen or --family llamagen)")
     if args.train:
         if args.against != "llamagen":
             ap.error("--train compares with LlamaGen's train step: give --against llamagen --upstream-dir PATH")
         if args.dtype != "float32":
             ap.error("--train runs fp32 eager only")
         result = bench_train(args)
+    elif args.quality or args.batches:
+        if args.against:
+            ap.error("--quality and --batches time arforge alone: leave out --against")
+        result = bench_quality(args) if args.quality else bench_batches(args)
     elif args.against:
         result = bench_against(args)
     else:

@@ -33,6 +33,10 @@ conditional half back.
     (rows, H_kv, S_max, hd) with S_max = find_multiple(1 + L, 8) (docs/llamagen.md#kv-cache),
     plus each head's own caches (sized to its number of slots) and IAR2's window history.
     Calling it again with the same sizes keeps the buffers.
+``keep_rows(rows)``
+    Decode only the first ``rows`` rows from the next position on (the conditional half once
+    guidance has ended): every cache keeps its buffers, and its first rows already hold
+    those rows' history.
 ``decode_step(n, prev, labels, choose, *, record_cls_attention=False) -> (rows, K)``
     Decodes position n (0 … L-1), feeding positions in order from 0, for the (rows,)
     ``labels`` (the null class allowed). ``prev`` (rows, K) holds token n-1 (``None`` at
@@ -360,6 +364,16 @@ class ARModel(nn.Module):
         self.backbone.setup_cache(max_batch=state.rows, dtype=dtype, device=device)
         self.head.setup_cache(batch=state.rows, dtype=dtype, device=device)
         self._decode = state
+
+    def keep_rows(self, rows: int) -> None:
+        """Decode the first ``rows`` rows only from the next position on (see the module docstring)."""
+        import dataclasses
+
+        state = self._decode
+        if state is None or not 0 < int(rows) <= state.rows:
+            raise ValueError(f"keep_rows({rows}) needs caches set up for at least that many rows "
+                             f"(now {None if state is None else state.rows})")
+        self._decode = dataclasses.replace(state, rows=int(rows))
 
     def release_caches(self) -> None:
         self.backbone.release_cache()

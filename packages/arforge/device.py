@@ -124,6 +124,18 @@ class Precision:
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
 
+    def sampling_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the AR model's weights and KV caches take for sampling under this policy.
+
+        Sampling casts the model instead of autocasting it, as LlamaGen's ``sample_c2i.py`` does
+        (``gpt_model.to(dtype=precision)``): the KV caches take half the memory, and no op casts
+        weights. Logits are processed in fp32 whatever the dtype. fp16 is a CUDA/NPU dtype; on
+        the CPU it falls back to bf16, as :meth:`autocast` does.
+        """
+        if self.name == "fp16" and device.type == "cpu":
+            return torch.bfloat16
+        return self.dtype
+
     def grad_scaler(self, device: torch.device):
         return torch.amp.GradScaler(device.type, enabled=self.needs_scaler and device.type != "cpu")
 

@@ -23,11 +23,14 @@ sub-token whose scale is 1 simply gets ℓ_c. The random numbers consumed do
 not depend on guidance (one draw of B rows per sub-token either way), so with
 every scale at 1 a guided run gives the tokens of an unguided one.
 
-``cfg_interval`` (LlamaGen, docs/llamagen.md#sampling): once a schedule's guidance has ended, the
-combine is skipped (the scale is 1, so ℓ_c is used), but the unconditional
-half is still computed: the rows, the caches and the IAR2 window history are
-fixed at ``setup_caches``, and a sequence cannot drop one half in its middle.
-Upstream behaves the same.
+``cfg_interval`` (LlamaGen, docs/llamagen.md#sampling): once a schedule's guidance has ended for
+good (:func:`arforge.guidance.last_guided_position`), the unconditional half is dropped: the
+decode goes on with the B conditional rows, which come first in every cache (KV caches, the
+head caches, IAR2's window history), so nothing is copied or recomputed
+(``ARModel.keep_rows``). Upstream keeps computing the unconditional half to the end and only
+skips the combine; ``drop_unconditional=False`` does the same. The tokens agree: the
+conditional logits are the same rows' logits, up to the rounding of matmul kernels that see
+another row count (``tests/test_generation.py`` checks equal tokens).
 
 Random streams
     ``seed`` gives one ``torch.Generator`` on the model's device for the whole
@@ -225,7 +228,7 @@ def generate(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None 
              sampling: SubTokenSampling | Sequence[SubTokenSampling] = SubTokenSampling(),
              seed: int | None = None, generator: Generators = None, record_cls_attention: bool | str = "auto",
              num_positions: int | None = None, dtype: torch.dtype | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, drop_unconditional: bool = True) -> torch.Tensor:
     """Sample sub-tokens for ``labels`` with the KV caches (docs/llamagen.md#kv-cache, docs/llamagen.md#sampling).
 
     Args:
@@ -241,6 +244,9 @@ def generate(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None 
         num_positions: decode only the first N positions (benchmarks); default L.
         dtype: cache dtype (default: the model's).
         progress: a progress bar over positions.
+        drop_unconditional: once the schedule's guidance has ended (``cfg_interval``), decode
+            the conditional rows only (see the module docstring); False keeps computing the
+            unconditional half to the end, as upstream does.
 
     Returns:
         (B, N, K) int64 sub-tokens (``model.factorization.merge`` gives tokenizer ids).
@@ -257,6 +263,10 @@ def generate(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None 
     for n in _positions(N, progress, "generate"):
         prev = model.decode_step(n, prev, rows_labels, choose, record_cls_attention=record)  # (rows, K)
         out[:, n] = batch.conditional(prev)
+        if drop_unconditional and batch.ends_after(n, model.block_size):
+            batch.end_guidance()  # rows 2B -> B: the conditional half is the first B rows
+            model.keep_rows(batch.rows)
+            rows_labels, prev = rows_labels[:batch.rows], prev[:batch.rows]
     return out
 
 
@@ -290,7 +300,7 @@ def no_cache_step(model: ARModel, tokens: torch.Tensor, labels: torch.Tensor, n:
 def generate_no_cache(model: ARModel, labels: torch.Tensor, *, guidance: Guidance | None = None,
                       sampling: SubTokenSampling | Sequence[SubTokenSampling] = SubTokenSampling(),
                       seed: int | None = None, generator: Generators = None, num_positions: int | None = None,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, drop_unconditional: bool = True) -> torch.Tensor:
     """:func:`generate` without KV caches: each position recomputes ``model(...)`` over the prefix.
 
     The reference for the cached loop (same seed, same tokens) and the
@@ -305,6 +315,9 @@ def generate_no_cache(model: ARModel, labels: torch.Tensor, *, guidance: Guidanc
     tokens = torch.zeros(batch.batch, N, model.num_subtokens, dtype=torch.int64, device=rows_labels.device)
     for n in _positions(N, progress, "generate (no cache)"):
         no_cache_step(model, tokens, rows_labels, n, choose, batch=batch)
+        if drop_unconditional and batch.ends_after(n, model.block_size):
+            batch.end_guidance()
+            rows_labels = rows_labels[:batch.rows]
     return tokens
 
 

@@ -21,14 +21,18 @@ A schedule (:class:`Guidance`)
     layout is fixed for the whole call (docs/llamagen.md#cfg-batch-layout);
     ``scale(k, n, L, info)``: the scale of sub-token k at position n, a number or a per-sample
     (B,) tensor; ``needs_cls_attention``: record the class-token attention into
-    ``info.attn_cls`` (IAR2). A sub-token whose scale is 1 gets ℓ_c unchanged.
+    ``info.attn_cls`` (IAR2). A sub-token whose scale is 1 gets ℓ_c unchanged. Optionally
+    ``last_guided_position(L)``: the last position where some scale can differ from 1 (None:
+    up to the end), which lets the decode stop computing the unconditional rows after it.
 
 The layout (:class:`GuidedBatch`)
     For B images the model decodes ``rows`` = 2B rows [y; null] when guided, else B rows y.
     Each chosen sub-token is written into both halves, and the class attention and the returned
     sub-tokens are read from the conditional half. The logits of each sub-token are combined
     with the schedule's scale by :func:`combine_cfg`, step 1 of
-    :func:`arforge.generation.process_logits`.
+    :func:`arforge.generation.process_logits`. Once the schedule's guidance has ended for good
+    (LlamaGen's ``cfg_interval``), :meth:`GuidedBatch.end_guidance` drops the unconditional
+    half: the conditional rows come first, so the caches keep serving them as they are.
 
 The schedules
     * :class:`ConstantCFG` — LlamaGen, IAR, Open-MAGVIT2 (per-sub-token scales, docs/open_magvit2.md#sampling).
@@ -72,6 +76,7 @@ __all__ = [
     "AdaptiveAttentionCFG",
     "progress_weight",
     "guidance_params",
+    "last_guided_position",
 ]
 
 Scale = float | Sequence[float]
@@ -89,6 +94,14 @@ class Guidance(Protocol):
     needs_cls_attention: bool
 
     def scale(self, k: int, n: int, L: int, info: DecodeInfo) -> float | torch.Tensor: ...
+
+
+def last_guided_position(guidance: Guidance, L: int) -> int | None:
+    """The last of positions 0 … L−1 where ``guidance`` may give a scale ≠ 1, or None when
+    guidance can last to the end (also for a schedule that does not say)."""
+    fn = getattr(guidance, "last_guided_position", None)
+    last = fn(L) if callable(fn) else None
+    return None if last is None or int(last) >= L - 1 else int(last)
 
 
 class NoGuidance:
@@ -134,8 +147,12 @@ class GuidedBatch:
 
     Guided: 2B rows, [conditional; unconditional] (docs/llamagen.md#cfg-batch-layout); both
     halves see the same image tokens and differ only in the label. Unguided: the B rows
-    themselves. Nothing here changes during the call: a schedule whose guidance ends (LlamaGen's
-    ``cfg_interval``) keeps the doubled rows, as upstream does, and only the combine stops.
+    themselves. Whether guidance is on is decided once per call. A schedule whose guidance ends
+    for good (LlamaGen's ``cfg_interval``: :func:`last_guided_position`) no longer needs the
+    unconditional half: :meth:`ends_after` says when, and :meth:`end_guidance` turns the batch
+    into the unguided B rows. Upstream keeps computing the doubled rows to the end and ignores
+    the unconditional half; the tokens are the same (the conditional logits are those of the
+    same rows, up to the matmul kernels' rounding for another row count).
     """
 
     def __init__(self, guidance: Guidance | None, *, batch: int):
@@ -148,6 +165,19 @@ class GuidedBatch:
         self.guided = bool(self.guidance.guided)  # decided once per call
         self.batch = int(batch)
         self.rows = 2 * self.batch if self.guided else self.batch
+
+    def ends_after(self, n: int, L: int) -> bool:
+        """True when the rows are doubled and position n is the schedule's last guided one."""
+        return self.guided and last_guided_position(self.guidance, L) == n
+
+    def end_guidance(self) -> None:
+        """From now on decode the B conditional rows only (scale 1 everywhere, nothing combined).
+
+        The conditional half is the first B rows, so the caller keeps the first ``rows`` rows of
+        its labels, tokens and caches (``ARModel.keep_rows``): their history is already there.
+        """
+        self.guided = False
+        self.rows = self.batch
 
     def labels(self, labels: torch.Tensor, *, null_class: int) -> torch.Tensor:
         """(B,) -> (rows,): [y; null] when guided, else y."""
@@ -248,8 +278,8 @@ class IntervalCFG:
     guides tokens 0 … i + 1: upstream i corresponds to ``interval`` = ⌊i⌋ + 1
     (and i ≤ −1 to −1), see :meth:`from_upstream`.
 
-    After the interval the rows stay doubled (:class:`GuidedBatch` fixes the layout per
-    call); only the combine is skipped.
+    After the interval the decode drops the unconditional rows (:meth:`last_guided_position`,
+    :meth:`GuidedBatch.end_guidance`): upstream keeps computing them and skips the combine.
     """
 
     needs_cls_attention = False
@@ -278,6 +308,9 @@ class IntervalCFG:
         if self.interval >= 0 and n > self.interval:
             return 1.0
         return _pick("guidance.cfg_interval.scale", self.scales, k)
+
+    def last_guided_position(self, L: int) -> int | None:
+        return None if self.interval < 0 else self.interval
 
     def __repr__(self) -> str:
         return f"IntervalCFG(scale={_fmt(self.scales)}, interval={self.interval})"

@@ -64,6 +64,7 @@ from arforge.errors import ArforgeError, ConfigError
 from arforge.generation import decode_tokens, generate, sampling_settings
 from arforge.guidance import Guidance, NoGuidance, guidance_params
 from arforge.interfaces import as_grid
+from arforge.memory import auto_sample_batch, decode_bytes_per_image
 from arforge.metrics.adm import to_uint8
 # The ADM file writer and the resumable work folder are arforge.sample_files; sample_images calls
 # them through these names (a test stands in for _write_adm_zip to kill a run mid-write).
@@ -118,6 +119,10 @@ def load_module_weights(module: torch.nn.Module, path: str | os.PathLike, *, whi
     return {"path": str(ckpt.path), "step": ckpt.step, "weights": entry}
 
 
+_BATCH_SIZE = V.Rule(lambda v: v == "auto" or V.POSITIVE_INT(v), 'a positive integer, or "auto" (from free memory)',
+                     '"auto"')
+
+
 def _size_pair(eval_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if eval_size is None:
         return None
@@ -133,7 +138,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
                   model_weights: str = "auto", tokenizer_weights: str = "auto",
                   temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
                   top_p: float | Sequence[float] = 1.0, greedy: bool | Sequence[bool] = False,
-                  samples_per_class: int = 50, num_classes: int | None = None, batch_size: int = 32,
+                  samples_per_class: int = 50, num_classes: int | None = None, batch_size: int | str = "auto",
                   eval_size: int | Sequence[int] | None = None, seed: int | None = None,
                   output: str | os.PathLike | None = None, grid_classes: int = 10, grid_samples: int = 10,
                   untrained_model: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -161,7 +166,10 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
         temperature, top_k, top_p, greedy: per sub-token (a tuple) or for all (docs/llamagen.md#logit-processing, docs/llamagen.md#sampling-defaults).
         samples_per_class: N (docs/evaluation.md#sample-files: 50).
         num_classes: C (default: the model's, 1000 for ImageNet).
-        batch_size: images per decode batch per rank (the caches hold 2× with CFG).
+        batch_size: images per decode batch per rank (the caches hold 2× with CFG); ``"auto"`` picks
+            the largest batch whose decoding caches fit in half the free device memory, and the
+            tokenizer's decode chunk the same way (:mod:`arforge.memory`); every rank takes the
+            smallest of the ranks' picks. The batch does not change the samples (per-sample seeds).
         eval_size: resize to this size before rounding (256 for the 384 px models); None keeps it.
         seed: generation and permutation seed (default ``ctx.seed``).
         output: the ``.npz`` path (default ``ctx.output_dir / "samples.npz"``; ``outputs:...`` works);
@@ -179,7 +187,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
         samples an earlier, killed run had finished; the speeds count this run's samples only).
     """
     V.check_args("jobs.sample", locals(), where=ctx,
-                 samples_per_class=V.POSITIVE_INT, num_classes=V.optional(V.POSITIVE_INT), batch_size=V.POSITIVE_INT,
+                 samples_per_class=V.POSITIVE_INT, num_classes=V.optional(V.POSITIVE_INT), batch_size=_BATCH_SIZE,
                  temperature=V.one_or_many(V.POSITIVE_FLOAT), top_k=V.one_or_many(V.NON_NEGATIVE_INT),
                  top_p=V.one_or_many(V.PROBABILITY), greedy=V.one_or_many(V.BOOL),
                  model_weights=V.choice("auto", "model", "ema"), tokenizer_weights=V.choice("auto", "model", "ema"),
@@ -195,8 +203,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
     seed = int(ctx.seed if seed is None else seed)
     C = int(num_classes if num_classes is not None else model.null_class)
     N = int(samples_per_class)
-    if C < 1 or N < 1 or batch_size < 1:
-        raise ConfigError(f"num_classes ({C}), samples_per_class ({N}) and batch_size ({batch_size}) must be >= 1")
+    if C < 1 or N < 1:
+        raise ConfigError(f"num_classes ({C}) and samples_per_class ({N}) must be >= 1")
     if C > model.null_class:  # class C would be the null (unconditional) row: never a class to sample
         raise ConfigError(f"{V.where_prefix(ctx)}jobs.sample.num_classes = {C} exceeds the model's {model.null_class} "
                           f"classes (labels 0..{model.null_class - 1}; {model.null_class} is the CFG null class). "
@@ -224,7 +232,10 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
                        on_purpose="jobs.sample.untrained_model = True")
     require_loaded(tokenizer, binding="jobs.sample.tokenizer",
                    checkpoint_binding="jobs.sample.tokenizer_checkpoint")
-    model.to(device).eval()
+    # bf16/fp16: the weights and caches in that dtype, as LlamaGen samples (Precision.sampling_dtype);
+    # the tokenizer decodes in fp32.
+    sample_dtype = ctx.precision.sampling_dtype(device)
+    model.to(device=device, dtype=sample_dtype).eval()
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(device).eval()
 
@@ -237,6 +248,20 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
     labels_all = sample_labels(C, N)
     L = model.block_size
     grid = as_grid(L)
+    decode_batch = batch_size
+    if batch_size == "auto":
+        picked = auto_sample_batch(model, guided=guidance.guided, dtype=sample_dtype, device=device,
+                                   decode_bytes=decode_bytes_per_image(
+                                       lambda: _probe_shape(model, tokenizer, grid, size, device)),
+                                   samples=-(-total // world))
+        batch_size, decode_batch = picked.batch, picked.decode_batch
+        if distributed:  # every rank steps with the same batch: the smallest pick
+            both = torch.tensor([batch_size, decode_batch], device=device)
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
+            batch_size, decode_batch = (int(v) for v in both.tolist())
+        if dist.is_main:
+            ctx.log(f"jobs.sample.batch_size = \"auto\": {picked.describe()}"
+                    + (f"; {batch_size} on every rank (the smallest pick)" if distributed else ""))
 
     if dist.is_main:
         params = {**guidance_params(guidance, _registered_name(guidance)),  # under their gin bindings
@@ -327,10 +352,11 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
                 gens = [torch.Generator(device=device).manual_seed(sample_seed(seed, int(i))) for i in idx]
                 lab = torch.from_numpy(labels_all[idx]).to(device)
                 t0 = time.perf_counter()
-                with ctx.precision.autocast(device):
-                    sub = generate(model, lab, guidance=guidance, sampling=settings, generator=gens)  # (b, L, K)
+                sub = generate(model, lab, guidance=guidance, sampling=settings, generator=gens)  # (b, L, K)
                 t1 = time.perf_counter()
-                pix = to_uint8(decode_tokens(tokenizer, model.factorization, sub, grid, eval_size=size).float())
+                pix = np.concatenate([to_uint8(decode_tokens(tokenizer, model.factorization, sub[i:i + decode_batch],
+                                                             grid, eval_size=size).float())
+                                      for i in range(0, len(sub), decode_batch)])  # (b, H, W, 3)
                 dec_seconds += time.perf_counter() - t1
                 ar_seconds += t1 - t0
                 if pix.shape[1:] != shape_all[1:]:

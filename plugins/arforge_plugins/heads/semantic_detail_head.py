@@ -192,9 +192,11 @@ class SemanticDetailHead(SubtokenRotaryMixin, nn.Module):
     def decode_position(self, h: torch.Tensor, n: int,
                         choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """docs/iar2.md#sampling steps 2–3: h (Bc, 1, D) -> (s, d) (Bc, 2)."""
-        hist = self.history
-        if hist is None or hist.shape[0] != h.shape[0]:
+        if self.history is None or self.history.shape[0] < h.shape[0]:
             raise RuntimeError("the semantic/detail head's caches are not set up for this batch: call setup_caches")
+        # The first Bc rows: after the model's keep_rows (guidance ended) the conditional rows,
+        # whose history the first rows already hold.
+        hist = self.history[:h.shape[0]]  # (Bc, L+1, c), a view
         L = hist.shape[1] - 1
         if n == 0:  # a new image: the out-of-grid row is mlp1(0) under the current weights
             hist[:, L].copy_(self.mlp1(h.new_zeros(1, self.dim)).to(hist.dtype).expand(h.shape[0], -1))
