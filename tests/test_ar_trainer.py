@@ -333,3 +333,66 @@ def test_on_the_fly_tokenisation_of_images(tmp_path):
     with pytest.raises(ArforgeError, match="16 px images give 8x8 tokens but the model's block_size is 16"):
         train_ar(local_context(tmp_path / "x"), model=model, dataset=DigitsDataset(split="val", image_size=16),
                  tokenizer=tok, steps=1, batch_size=8)
+
+
+# ------------------------------------------------------------------ speed options
+class _Losses:
+    """A tracker that keeps train/loss by step."""
+
+    def __init__(self):
+        self.loss: dict[int, float] = {}
+
+    def log_metrics(self, metrics, step=None):
+        if "train/loss" in metrics:
+            self.loss[step] = metrics["train/loss"]
+
+    def __getattr__(self, name):  # params, tags, artifacts: not needed here
+        return lambda *a, **k: None
+
+
+def _losses(tmp_path, name, *, precision="fp32", **kw) -> list[float]:
+    import dataclasses
+
+    from arforge.device import Precision
+    from arforge_plugins.heads.next_subtoken_head import NextSubtokenHead
+    from arforge_plugins.factorizations.token_factorizations import BitSplitFactorization
+
+    torch.manual_seed(0)
+    fac = BitSplitFactorization(bits=(3, 5))
+    model = build_model(fac, NextSubtokenHead(dim=DIM, n_layer=1, n_head=HEADS, vocab_sizes=fac.vocab_sizes),
+                        dropout=0.0)  # no random draws: the options must change nothing but rounding
+    tracker = _Losses()
+    ctx = dataclasses.replace(local_context(tmp_path / name, tracker=tracker), precision=Precision(precision))
+    train_ar(ctx, model=model, dataset=_fixed_data(), steps=4, batch_size=8, lr=1e-3, log_every=1,
+             log_checkpoint=False, **kw)
+    return [tracker.loss[s] for s in range(1, 5)]
+
+
+def test_speed_options_give_the_eager_fp32_losses_within_their_tolerances(tmp_path, monkeypatch):
+    """Stated tolerances, on the mean loss of each of 4 steps (lr 1e-3; ln 256 ≈ 5.5 at the start):
+
+    * ``compile`` (aot_eager here: dynamo's graph and AOTAutograd's backward, what inductor
+      then lowers; inductor's own kernels are torch's to test) and ``fused_adamw``: the same
+      arithmetic in another order, 1e-4 relative: four Adam steps move a loss by ~lr per step,
+      and a reordered sum changes it by ~1e-7;
+    * bf16 autocast: 8 significant bits in the matmuls, 2e-2 relative;
+    * each option must change something to be worth a test, so the losses are not all identical
+      bit for bit across the bf16 run.
+    """
+    eager = _losses(tmp_path, "eager")
+    assert eager[-1] < eager[0]  # it trains
+    backends, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: backends.append(kw.get("backend")) or real_compile(m, **kw))
+    compiled = _losses(tmp_path, "compiled", compile="aot_eager")
+    assert backends == ["aot_eager"]  # the training forward really went through torch.compile
+    steps, real_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(self.defaults["fused"])
+                        or real_step(self, *a, **k))
+    fused = _losses(tmp_path, "fused", fused_adamw=True)
+    assert steps and all(steps)
+    bf16 = _losses(tmp_path, "bf16", precision="bf16")
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert fused == pytest.approx(eager, rel=1e-4)
+    assert bf16 == pytest.approx(eager, rel=2e-2) and bf16 != eager
+    with pytest.raises(ArforgeError, match=r"jobs\.train_ar\.compile.*torch\.compile backend"):
+        _losses(tmp_path, "bad", compile="no_such_backend")

@@ -667,20 +667,45 @@ def _set_dropout(model, p: float | None, saved: dict | None = None) -> dict:
     return saved_out
 
 
-def train_child(side: str, folder: Path, batch: int, steps: int) -> dict[str, Any]:
-    """One fresh process: build one side, check loss without dropout, time ``steps`` train steps after one warm-up."""
+def train_child(side: str, folder: Path | None, batch: int, steps: int, *, family: str = "llamagen",
+                size: str = "B", compile: str | None = None, autocast: bool = False, fused_adamw: bool = False) -> dict[str, Any]:
+    """One fresh process: build one side, check loss without dropout, time ``steps`` train steps after one warm-up.
+
+    ``compile``: a torch.compile backend for the forward (upstream ``train_c2i.py`` compiles its
+    model unless ``--no-compile``; arforge ``jobs.train_ar.compile``); ``autocast``: bf16 autocast
+    of forward and loss (``--mixed-precision bf16``; ``launch.precision = "bf16"``);
+    ``fused_adamw``: arforge's ``jobs.train_ar.fused_adamw`` (upstream fuses on CUDA only).
+    ``side = "arforge-alone"`` times ``family``'s model at ``size`` without upstream (seeded weights).
+    """
     import torch
 
-    up = Upstream("llamagen", folder)
-    up_model = up.build(train=True)
     g = torch.Generator().manual_seed(SEED + 3)
-    tokens = torch.randint(0, 16384, (batch, 256), generator=g)
-    labels = torch.randint(0, 1000, (batch,), generator=g)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    if side == "arforge-alone":
+        model = arforge_model(family, size)
+        tools = str(Path(__file__).resolve().parent)
+        if tools not in sys.path:
+            sys.path.insert(0, tools)
+        from make_parity_fixtures import _randomize
+
+        _randomize(model, SEED + 1)
+        model.train()
+        L = model.block_size
+        sub = torch.stack([torch.randint(0, v, (batch, L), generator=g) for v in model.vocab_sizes], -1)
+        labels = torch.randint(0, 1000, (batch,), generator=g)
+        tokens = sub
+    else:
+        up = Upstream("llamagen", folder)
+        up_model = up.build(train=True)
+        tokens = torch.randint(0, 16384, (batch, 256), generator=g)
+        labels = torch.randint(0, 1000, (batch,), generator=g)
     if side == "upstream":
         model = up_model
+        fwd = model if compile is None else torch.compile(model, backend=compile)
 
         def loss_fn():
-            return model(idx=tokens[:, :-1], cond_idx=labels, targets=tokens)[1]
+            with amp():
+                return fwd(idx=tokens[:, :-1], cond_idx=labels, targets=tokens)[1]
 
         from autoregressive.train.train_c2i import creat_optimizer
 
@@ -691,25 +716,28 @@ def train_child(side: str, folder: Path, batch: int, steps: int) -> dict[str, An
         def make_opt():  # train_c2i.py: weight decay 5e-2, lr 1e-4, betas (0.9, 0.95)
             return creat_optimizer(model, 5e-2, 1e-4, (0.9, 0.95), _Quiet())
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = up.save(up_model, Path(tmp))
-            del up_model
-            gc.collect()
-            reg = _registry()
-            torch.manual_seed(SEED)
-            model = reg.get("models", "llamagen_gpt")(size="B")
-            model = reg.get("loaders", "official_llamagen_gpt")(module=model, checkpoint=path)
-        model.train()
-        sub = tokens[..., None]  # (B, L, 1)
+        if side == "arforge":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = up.save(up_model, Path(tmp))
+                del up_model
+                gc.collect()
+                reg = _registry()
+                torch.manual_seed(SEED)
+                model = reg.get("models", "llamagen_gpt")(size="B")
+                model = reg.get("loaders", "official_llamagen_gpt")(module=model, checkpoint=path)
+            model.train()
+            sub = tokens[..., None]  # (B, L, 1)
+        fwd = model if compile is None else torch.compile(model, backend=compile)
 
-        def loss_fn():
-            return model.loss(sub, labels).total
+        def loss_fn():  # as jobs.train_ar: the (compiled) forward, then the loss from its logits
+            with amp():
+                return model.loss_from_logits(fwd(sub, labels).logits, sub).total
 
         from arforge.trainers.common import param_groups
 
         def make_opt():  # jobs.train_ar (trainers/ar_trainer.py): AdamW over the ndim decay groups
             return torch.optim.AdamW(param_groups(model, weight_decay=5e-2), lr=1e-4, betas=(0.9, 0.95),
-                                     fused=False)
+                                     fused=fused_adamw)
     saved = _set_dropout(model, 0.0)
     with torch.no_grad():
         check = float(loss_fn())
@@ -730,39 +758,53 @@ def train_child(side: str, folder: Path, batch: int, steps: int) -> dict[str, An
         losses.append(float(loss))
     peak = _maxrss_bytes()
     return {"side": side, "check_loss": check, "step_s": times[1:], "warmup_s": times[0], "losses": losses,
+            "tokens_per_item": int(tokens.shape[1]),
             "baseline_rss_mib": baseline / 2**20, "peak_growth_mib": (peak - baseline) / 2**20,
             "peak_rss_mib": peak / 2**20, "valid": peak > build_peak, "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters())}
 
 
 def bench_train(args) -> dict[str, Any]:
-    folder = Path(args.upstream_dir).expanduser().resolve()
-    m = machine("float32")
+    """Train steps in fresh processes: LlamaGen GPT-B against upstream (``--against llamagen``), or
+    any family's B model alone; with the speed options of ``jobs.train_ar``."""
+    alone = args.against is None
+    folder = None if alone else Path(args.upstream_dir).expanduser().resolve()
+    m = machine("bfloat16 autocast" if args.autocast else "float32")
     print(machine_line(m))
-    print(f"upstream: {UPSTREAM_REPOS['llamagen']} at {upstream_commit(folder)} ({folder})")
-    print(f"train step: GPT-B, batch {args.batch} x 256 tokens, fp32 eager, forward + CE + backward + clip + AdamW; "
-          f"{args.repeats} fresh processes per side (A B A B), {args.train_steps} timed steps after one warm-up each",
-          flush=True)
-    runs: dict[str, list[dict]] = {"upstream": [], "arforge": []}
+    if not alone:
+        print(f"upstream: {UPSTREAM_REPOS['llamagen']} at {upstream_commit(folder)} ({folder})")
+    opts = ", ".join(o for o in (f"torch.compile backend {args.compile}" if args.compile else "eager",
+                                 "bf16 autocast" if args.autocast else "fp32",
+                                 "fused AdamW (arforge)" if args.fused_adamw else "") if o)
+    what = "GPT-B, batch %d x 256 tokens" % args.batch if not alone else \
+        f"models.{FAMILY[args.family].model} size {args.size}, batch {args.batch}"
+    print(f"train step: {what}, {opts}, forward + CE + backward + clip + AdamW; {args.repeats} fresh processes "
+          f"per side (A B A B), {args.train_steps} timed steps after one warm-up each", flush=True)
+    runs: dict[str, list[dict]] = {"arforge-alone": []} if alone else {"upstream": [], "arforge": []}
     for r in range(args.repeats):
         for side in runs:
-            cmd = [sys.executable, __file__, "--train-child", side, "--upstream-dir", str(folder),
-                   "--batch", str(args.batch), "--train-steps", str(args.train_steps)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--train-child", side, "--batch", str(args.batch),
+                   "--train-steps", str(args.train_steps), "--family", args.family, "--size", args.size]
+            cmd += ["--upstream-dir", str(folder)] if folder else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--compile", args.compile] if args.compile else []
+            cmd += ["--autocast"] if args.autocast else []
+            cmd += ["--fused-adamw"] if args.fused_adamw else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[side].append(res)
             print(f"  round {r + 1} {side:>8}: steps {', '.join('%.2f' % t for t in res['step_s'])} s "
                   f"(warm-up {res['warmup_s']:.2f}), peak growth {res['peak_growth_mib']:.0f} MiB "
                   f"(valid={res['valid']}), check loss {res['check_loss']:.6f}", flush=True)
-    a, b = runs["upstream"][0]["check_loss"], runs["arforge"][0]["check_loss"]
-    if abs(a - b) > LOSS_RTOL * abs(a):
-        raise SystemExit(f"initial losses differ: upstream {a!r}, arforge {b!r} (tolerance {LOSS_RTOL} relative)")
-    print(f"check: equal initial loss without dropout: upstream {a:.6f}, arforge {b:.6f} "
-          f"(|diff| {abs(a - b):.2e}, tolerance {LOSS_RTOL:g} relative)")
+    if not alone:
+        a, b = runs["upstream"][0]["check_loss"], runs["arforge"][0]["check_loss"]
+        tol = LOSS_RTOL if not args.autocast else 1e-2  # bf16: each side rounds its own ops
+        if abs(a - b) > tol * abs(a):
+            raise SystemExit(f"initial losses differ: upstream {a!r}, arforge {b!r} (tolerance {tol} relative)")
+        print(f"check: equal initial loss without dropout: upstream {a:.6f}, arforge {b:.6f} "
+              f"(|diff| {abs(a - b):.2e}, tolerance {tol:g} relative)")
     times = {side: [t for res in rs for t in res["step_s"]] for side, rs in runs.items()}
-    tokens = args.batch * 256
+    tokens = args.batch * runs[next(iter(runs))][0]["tokens_per_item"]
     for line in ratio_lines(times, unit="s/step"):
         print(line)
     for side, rs in runs.items():
@@ -771,10 +813,12 @@ def bench_train(args) -> dict[str, Any]:
         print(f"{side:>9}: {tokens / s.median:.0f} tokens/s (median step), peak memory growth "
               f"{statistics.median(mem):.0f} MiB (runs: {', '.join('%.0f' % x for x in mem)}), "
               f"peak RSS {statistics.median([res['peak_rss_mib'] for res in rs]):.0f} MiB")
-    mu = statistics.median([res["peak_growth_mib"] for res in runs["upstream"]])
-    ma = statistics.median([res["peak_growth_mib"] for res in runs["arforge"]])
-    print(f"    peak-memory ratio arforge/upstream: {ma / mu:.2f}")
-    return {"machine": m, "mode": "train", "batch": args.batch, "runs": runs}
+    if not alone:
+        mu = statistics.median([res["peak_growth_mib"] for res in runs["upstream"]])
+        ma = statistics.median([res["peak_growth_mib"] for res in runs["arforge"]])
+        print(f"    peak-memory ratio arforge/upstream: {ma / mu:.2f}")
+    return {"machine": m, "mode": "train", "batch": args.batch, "runs": runs,
+            "options": {"compile": args.compile, "autocast": args.autocast, "fused_adamw": args.fused_adamw}}
 
 
 # ================================================================================== CLI
@@ -799,7 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--train", action="store_true", help="time a GPT-B train step instead (--against llamagen)")
     ap.add_argument("--train-steps", type=int, default=2, help="--train: timed steps per process")
-    ap.add_argument("--train-child", choices=("upstream", "arforge"), help=argparse.SUPPRESS)
+    ap.add_argument("--train-child", choices=("upstream", "arforge", "arforge-alone"), help=argparse.SUPPRESS)
+    ap.add_argument("--compile", help="--train: a torch.compile backend for both sides' forward (e.g. inductor)")
+    ap.add_argument("--autocast", action="store_true", help="--train: bf16 autocast on both sides")
+    ap.add_argument("--fused-adamw", action="store_true", help="--train: arforge's fused AdamW (jobs.train_ar)")
     ap.add_argument("--quality", action="store_true",
                     help="arforge alone: what bf16 sampling changes against fp32 (top-1 agreement, logit "
                          "difference, first differing greedy token) instead of timing")
@@ -811,7 +858,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.train_child:
-        print(json.dumps(train_child(args.train_child, Path(args.upstream_dir), args.batch, args.train_steps)))
+        print(json.dumps(train_child(args.train_child, Path(args.upstream_dir) if args.upstream_dir else None,
+                                     args.batch, args.train_steps, family=args.family, size=args.size,
+                                     compile=args.compile,
+                                     autocast=args.autocast, fused_adamw=args.fused_adamw)))
         return 0
     if (args.against is None) != (args.upstream_dir is None):
         ap.error("--against and --upstream-dir go together")
@@ -820,10 +870,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cfg_interval != -1 and (args.against or args.family) != "llamagen":
         ap.error("--cfg-interval is LlamaGen's option (--against llamagen or --family llamagen)")
     if args.train:
-        if args.against != "llamagen":
-            ap.error("--train compares with LlamaGen's train step: give --against llamagen --upstream-dir PATH")
+        if args.against not in (None, "llamagen"):
+            ap.error("--train compares with LlamaGen's train step only (--against llamagen); without --against "
+                     "it times any --family alone")
         if args.dtype != "float32":
-            ap.error("--train runs fp32 eager only")
+            ap.error("--train takes --autocast for bf16, not --dtype")
         result = bench_train(args)
     elif args.quality or args.batches:
         if args.against:

@@ -65,6 +65,20 @@ PATH = Rule(lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "", 'a pat
             '"path/to/file"')
 
 
+def _is_compile_backend(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    import torch._dynamo  # late: only when a backend is named
+
+    return v in torch._dynamo.list_backends(exclude_tags=())
+
+
+def compile_backend_rule() -> Rule:
+    """A ``torch.compile`` backend name (``torch._dynamo.list_backends(exclude_tags=())``)."""
+    return Rule(_is_compile_backend, 'a torch.compile backend such as "inductor" or "aot_eager" '
+                "(torch._dynamo.list_backends(exclude_tags=()) lists them)", '"inductor"')
+
+
 def at_least(low: int) -> Rule:
     return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}", str(low))
 

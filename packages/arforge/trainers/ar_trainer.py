@@ -136,6 +136,8 @@ def train_ar(
     val_tokenizer: nn.Module | None = None,
     eval_every: int = 0,
     eval_items: int = 256,
+    compile: str | None = None,
+    fused_adamw: bool | None = None,
 ) -> dict[str, float]:
     """Train a class-conditional AR model on token codes.
 
@@ -167,6 +169,12 @@ def train_ar(
             trains on pre-extracted codes (e.g. the digits' validation split).
         eval_every / eval_items: held-out evaluation period (optimizer steps; 0: only at the
             end) and how many held-out items it reads (the first ones, encoded once).
+        compile: a ``torch.compile`` backend for the training forward (``"inductor"``, torch's
+            default; LlamaGen's ``train_c2i.py`` compiles unless ``--no-compile``); None runs eager.
+            The compiled call goes through the DDP/FSDP wrapper; checkpoints hold the same keys.
+        fused_adamw: the fused AdamW kernel (one kernel per step instead of a loop over tensors);
+            None uses it on CUDA, as LlamaGen's ``creat_optimizer`` does, and torch's foreach
+            implementation elsewhere; True also on the CPU.
     """
     V.check_args(
         "jobs.train_ar", locals(), where=ctx,
@@ -177,7 +185,7 @@ def train_ar(
         grad_accum=V.POSITIVE_INT, ema_decay=V.optional(V.DECAY), parallel=V.choice(*PARALLEL),
         save_every=V.NON_NEGATIVE_INT, keep_last=V.POSITIVE_INT, log_every=V.POSITIVE_INT,
         num_workers=V.NON_NEGATIVE_INT, log_checkpoint=V.BOOL, eval_every=V.NON_NEGATIVE_INT,
-        eval_items=V.POSITIVE_INT)
+        eval_items=V.POSITIVE_INT, compile=V.optional(V.compile_backend_rule()), fused_adamw=V.optional(V.BOOL))
     device = ctx.device
     if tokenizer is None:
         check_dataset_fits(model, dataset)
@@ -191,7 +199,8 @@ def train_ar(
     wrapped = _wrap(model, parallel, ctx)
     fsdp = uses_fsdp(ctx, parallel)
     opt = torch.optim.AdamW(param_groups(inner, weight_decay=weight_decay, rule=decay_rule), lr=lr, betas=betas,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda" if fused_adamw is None else fused_adamw)
+    forward = wrapped if compile is None else torch.compile(wrapped, backend=compile)
     schedule = Schedule(kind=lr_schedule, total_steps=steps, warmup_steps=warmup_steps, end_factor=end_factor)
     schedulers = {"opt": lr_scheduler(opt, schedule)}  # lr = lr * schedule(step), checkpointed with the run
     scaler = ctx.precision.grad_scaler(device)
@@ -252,7 +261,7 @@ def train_ar(
             sync = micro == grad_accum - 1 or not hasattr(wrapped, "no_sync")
             ctx_sync = wrapped.no_sync() if not sync else contextlib.nullcontext()
             with ctx_sync, ctx.precision.autocast(device):
-                out = wrapped(sub, labels)  # through the DDP/FSDP wrapper: its hooks see the forward
+                out = forward(sub, labels)  # through the DDP/FSDP wrapper: its hooks see the forward
                 lb = inner.loss_from_logits(out.logits, sub, weights_k)
             loop.check_finite(lb.total, lb.parts)
             scaler.scale(lb.total / grad_accum).backward()
