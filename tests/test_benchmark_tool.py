@@ -114,3 +114,14 @@ def test_with_usage_passes_the_result_through_and_logs_cpu_times_and_page_faults
     for entry in log:
         assert set(entry) == {"user_s", "sys_s", "minor_faults"}
         assert entry["user_s"] >= 0 and entry["sys_s"] >= 0 and entry["minor_faults"] >= 0
+
+
+def test_throughput_tool_needs_one_of_tokenizer_or_inception(capsys):
+    spec = importlib.util.spec_from_file_location("arforge_tools_throughput", REPO / "tools" / "benchmark_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for argv in ([], ["--tokenizer", "vq16", "--inception"]):
+        with pytest.raises(SystemExit) as exc:
+            module.main(argv)
+        assert exc.value.code == 2 and "give one of --tokenizer KIND or --inception" in capsys.readouterr().err
+    assert module.TOKENIZERS == ("vq16", "lfq", "semantic_detail")
