@@ -268,6 +268,29 @@ def test_bf16_sampling_stays_within_its_stated_tolerance_of_fp32(family):
     assert all(bool((out[..., k] < v).all()) for k, v in enumerate(m.vocab_sizes))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_decode_gives_the_eager_tokens_at_temperature_zero(family):
+    """``compile_decode``: torch.compile of the static-cache step (aot_eager here, dynamo's graph
+    of the step; inductor lowers that same graph and takes seconds to compile even at this size)."""
+    from arforge.guidance import AdaptiveAttentionCFG
+
+    m = _model(family)
+    labels = torch.tensor([1, 4, 9])
+    guide = AdaptiveAttentionCFG() if family == "iar2" else IntervalCFG(scale=3.0, interval=5)  # attention; rows dropped
+    greedy = SubTokenSampling(greedy=True)
+    eager = generate(m, labels, guidance=guide, sampling=greedy, seed=0)
+    m.compile_decode(backend="aot_eager")
+    try:
+        calls = []
+        compiled_step = m._compiled_step
+        m._compiled_step = lambda *a, **k: calls.append(1) or compiled_step(*a, **k)
+        assert torch.equal(generate(m, labels, guidance=guide, sampling=greedy, seed=0), eager)
+        assert len(calls) == m.block_size  # every position went through the compiled step
+    finally:
+        m.compile_decode(backend=None)
+    assert m._compiled_step is None
+
+
 def test_num_positions_decodes_a_prefix_with_the_same_tokens():
     m = _model("iar2")
     labels = torch.tensor([3])

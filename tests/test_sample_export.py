@@ -150,6 +150,20 @@ def test_auto_batch_size_decodes_in_the_picked_batches_and_writes_the_same_file(
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
+def test_compiled_decode_writes_the_same_file_and_a_bad_backend_is_named(tmp_path):
+    from arforge.errors import ArforgeError
+
+    pair = _llamagen_pair()
+    eager = _run(tmp_path / "eager", pair=pair, greedy=True)
+    compiled = _run(tmp_path / "compiled", pair=pair, greedy=True, compile="aot_eager")
+    assert pair[0]._compiled_step is not None
+    pair[0].compile_decode(backend=None)
+    with np.load(eager["path"]) as a, np.load(compiled["path"]) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    with pytest.raises(ArforgeError, match=r"jobs\.sample\.compile.*torch\.compile backend"):
+        _run(tmp_path / "bad", pair=pair, compile="no_such_backend")
+
+
 def test_resize_to_eval_size_and_explicit_output(tmp_path):
     out = tmp_path / "sub" / "mine.npz"
     res = _run(tmp_path, output=out, eval_size=6, samples_per_class=1)

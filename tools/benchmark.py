@@ -462,7 +462,11 @@ def bench_alone(args) -> dict[str, Any]:
     m = machine(args.dtype)
     print(machine_line(m))
     print(f"arforge alone: models.{fam.model} size {args.size} ({model.num_params() / 1e6:.1f}M), batch {args.batch}, "
-          f"{guide!r}, top_k {top_k}, positions {N} of {L}", flush=True)
+          f"{guide!r}, top_k {top_k}, positions {N} of {L}"
+          + (f", decode compiled ({args.compile_decode}; the warm-up compiles)" if args.compile_decode else ""),
+          flush=True)
+    if args.compile_decode:
+        model.compile_decode(backend=args.compile_decode)
     times = alternate({"arforge": lambda: arforge_generate(model, labels, guide, top_k=top_k, positions=N)},
                       args.repeats, report=lambda n, r, dt: print(f"  run {r + 1} {n}: {dt:.3f} s", flush=True))
     for line in ratio_lines(times, unit="s", per=N, per_unit="per position"):
@@ -847,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", help="--train: a torch.compile backend for both sides' forward (e.g. inductor)")
     ap.add_argument("--autocast", action="store_true", help="--train: bf16 autocast on both sides")
     ap.add_argument("--fused-adamw", action="store_true", help="--train: arforge's fused AdamW (jobs.train_ar)")
+    ap.add_argument("--compile-decode", help="arforge alone: decode through torch.compile with this backend "
+                                             "(ARModel.compile_decode, e.g. inductor)")
     ap.add_argument("--quality", action="store_true",
                     help="arforge alone: what bf16 sampling changes against fp32 (top-1 agreement, logit "
                          "difference, first differing greedy token) instead of timing")

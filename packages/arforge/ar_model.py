@@ -64,7 +64,7 @@ from torch import nn
 from arforge.device import at_least_fp32
 from arforge.errors import ArforgeError
 from arforge.interfaces import Factorization, LossBreakdown
-from arforge.nn.llama import LabelEmbedder, LlamaBackbone, init_llama_weights
+from arforge.nn.llama import BackboneStep, LabelEmbedder, LlamaBackbone, init_llama_weights
 
 __all__ = [
     "ARForwardOutput",
@@ -171,6 +171,7 @@ class _DecodeState:
     rows: int
     dtype: torch.dtype
     device: torch.device
+    pos: torch.Tensor  #: (1,) int64, the position a compiled step decodes (allocated once)
 
 
 def _build_head(factory: Callable[..., nn.Module], *, dim: int, vocab_sizes: tuple[int, ...],
@@ -254,6 +255,7 @@ class ARModel(nn.Module):
         self.cluster_size = cluster_size
         self.cluster_loss_weight = cluster_loss_weight
         self._decode: _DecodeState | None = None
+        self._compiled_step: Callable[..., BackboneStep] | None = None  # set by compile_decode
         if init_weights:
             self.initialize_weights()
 
@@ -360,10 +362,25 @@ class ARModel(nn.Module):
         ref = next(self.parameters())
         dtype = dtype if dtype is not None else ref.dtype
         device = torch.empty(0, device=device if device is not None else ref.device).device
-        state = _DecodeState(rows=int(batch), dtype=dtype, device=device)
+        pos = self._decode.pos if self._decode is not None and self._decode.pos.device == device else \
+            torch.zeros(1, dtype=torch.int64, device=device)
+        state = _DecodeState(rows=int(batch), dtype=dtype, device=device, pos=pos)
         self.backbone.setup_cache(max_batch=state.rows, dtype=dtype, device=device)
         self.head.setup_cache(batch=state.rows, dtype=dtype, device=device)
         self._decode = state
+
+    def compile_decode(self, *, backend: str | None = "inductor", mode: str | None = None) -> None:
+        """Decode through ``torch.compile`` of the backbone's static-cache step (None: eager again).
+
+        The step attends over every cache slot under a mask (``LlamaBackbone.step_static``), so one
+        graph serves every position; ``mode="reduce-overhead"`` adds CUDA graphs on a GPU. The
+        head's few small ops per sub-token stay eager. Tokens equal the eager decode's at
+        temperature 0 (``tests/test_generation.py``); the first call compiles (seconds to minutes).
+        """
+        if backend is None:
+            self._compiled_step = None
+            return
+        self._compiled_step = torch.compile(self.backbone.step_static, backend=backend, mode=mode, fullgraph=True)
 
     def keep_rows(self, rows: int) -> None:
         """Decode the first ``rows`` rows only from the next position on (see the module docstring)."""
@@ -409,7 +426,11 @@ class ARModel(nn.Module):
                 raise ValueError(f"prev must be the (rows, K) = ({rows}, {self.num_subtokens}) sub-tokens of "
                                  f"position {n - 1}, got {None if prev is None else tuple(prev.shape)}")
             x = self.embedder(prev[:, None, :])  # (rows, 1, D)
-        step = self.backbone.step(x.to(state.dtype), n, return_cls_attn=record_cls_attention)
+        if self._compiled_step is not None:
+            pos = state.pos.fill_(n)  # one (1,) tensor for the whole decode: the graph's input
+            step = self._compiled_step(x.to(state.dtype), pos, return_cls_attn=record_cls_attention)
+        else:
+            step = self.backbone.step(x.to(state.dtype), n, return_cls_attn=record_cls_attention)
         info = DecodeInfo(n=n, L=L, attn_cls=step.attn_cls)
 
         def head_choose(k: int, logits: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
                   samples_per_class: int = 50, num_classes: int | None = None, batch_size: int | str = "auto",
                   eval_size: int | Sequence[int] | None = None, seed: int | None = None,
                   output: str | os.PathLike | None = None, grid_classes: int = 10, grid_samples: int = 10,
-                  untrained_model: bool = False, progress: bool = True) -> dict[str, Any]:
+                  untrained_model: bool = False, progress: bool = True,
+                  compile: str | None = None) -> dict[str, Any]:
     """Generate ``samples_per_class`` images of each class and write the ADM sample ``.npz``.
 
     See the module docstring for labels, sharding, seeding and the file format.
@@ -180,6 +181,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
             row of a results table. Logged as the ``sample.untrained_model`` param; the tokenizer
             must still be loaded.
         progress: a progress bar on rank 0 (a resumed job starts it at the samples already done).
+        compile: decode through ``torch.compile`` with this backend (``"inductor"``; on CUDA with
+            CUDA graphs, ``mode="reduce-overhead"``): ``ARModel.compile_decode``. None: eager.
 
     Returns:
         ``{"path", "num_samples", "num_classes", "samples_per_class", "image_shape",
@@ -193,7 +196,7 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
                  model_weights=V.choice("auto", "model", "ema"), tokenizer_weights=V.choice("auto", "model", "ema"),
                  eval_size=V.optional(V.one_or_many(V.POSITIVE_INT)), seed=V.optional(V.INT),
                  grid_classes=V.NON_NEGATIVE_INT, grid_samples=V.NON_NEGATIVE_INT,
-                 untrained_model=V.BOOL, progress=V.BOOL)
+                 untrained_model=V.BOOL, progress=V.BOOL, compile=V.optional(V.compile_backend_rule()))
     if ctx is None:
         from arforge.data.extraction import local_context
 
@@ -236,6 +239,8 @@ def sample_images(ctx: Any = None, *, model: Any, tokenizer: Any, guidance: Guid
     # the tokenizer decodes in fp32.
     sample_dtype = ctx.precision.sampling_dtype(device)
     model.to(device=device, dtype=sample_dtype).eval()
+    if compile is not None:
+        model.compile_decode(backend=compile, mode="reduce-overhead" if device.type == "cuda" else None)
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(device).eval()
 

@@ -211,6 +211,32 @@ class Attention(nn.Module):
             attn_cls = scores.softmax(dim=-1)[:, :, 0, 0].mean(dim=1)  # (B,)
         return self._out(y), attn_cls
 
+    def step_static(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, *,
+                    return_cls_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`step` for one position over the whole static cache, for ``torch.compile``.
+
+        x (B, 1, D) at the position held in the (1,) tensor ``input_pos``; ``mask`` (1, S_max)
+        keeps the filled keys. Every shape is the same at every position, so one compiled graph
+        serves the whole sequence (upstream's layout: all S_max slots under a mask). The masked
+        slots add exact zeros to the softmax, so it equals :meth:`step` up to the kernels'
+        summation order.
+        """
+        if self.kv_cache is None:
+            raise RuntimeError("no KV cache: call setup_caches(...) before decoding")
+        q, k, v = self._qkv(x, freqs_cis)
+        b = x.shape[0]
+        kc, vc = self.kv_cache.k_cache[:b], self.kv_cache.v_cache[:b]  # (B, H_kv, S_max, hd) views
+        kc.index_copy_(2, input_pos, k.to(kc.dtype))
+        vc.index_copy_(2, input_pos, v.to(vc.dtype))
+        keys, values = self._expand_kv(kc.to(q.dtype), vc.to(q.dtype))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        attn_cls = None
+        if return_cls_attn:
+            scores = (at_least_fp32(q) @ at_least_fp32(keys).transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, H, 1, S)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            attn_cls = scores.softmax(dim=-1)[:, :, 0, 0].mean(dim=1)  # (B,)
+        return self._out(y), attn_cls
+
 
 # ==================================================================== block
 class TransformerBlock(nn.Module):
@@ -241,6 +267,13 @@ class TransformerBlock(nn.Module):
              return_cls_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         a, attn_cls = self.attention.step(self.attention_norm(x), freqs_cis, start_pos,
                                           return_cls_attn=return_cls_attn)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), attn_cls
+
+    def step_static(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, *,
+                    return_cls_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, attn_cls = self.attention.step_static(self.attention_norm(x), freqs_cis, input_pos, mask,
+                                                 return_cls_attn=return_cls_attn)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), attn_cls
 
@@ -456,6 +489,25 @@ class LlamaBackbone(RotaryTableMixin, nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h, a = layer.step(h, freqs, pos, return_cls_attn=return_cls_attn and i == last)
+            if a is not None:
+                attn_cls = a
+        if self.norm is not None:
+            h = self.norm(h)
+        return BackboneStep(h, attn_cls)
+
+    def step_static(self, x_emb: torch.Tensor, input_pos: torch.Tensor, *,
+                    return_cls_attn: bool = False) -> BackboneStep:
+        """:meth:`step` for one position given as a (1,) tensor, over the whole static cache:
+        the shapes do not change along the sequence, so ``torch.compile`` builds one graph
+        (CUDA graphs with ``mode="reduce-overhead"``). ``ARModel.compile_decode`` uses it."""
+        freqs = self.freqs_cis.index_select(0, input_pos)  # (1, hd/2, 2)
+        s_max = self.layers[0].attention.kv_cache.max_seq_len
+        mask = (torch.arange(s_max, device=input_pos.device) <= input_pos)[None]  # (T=1, S_max): filled slots
+        h = self.tok_dropout(x_emb)
+        attn_cls = None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, a = layer.step_static(h, freqs, input_pos, mask, return_cls_attn=return_cls_attn and i == last)
             if a is not None:
                 attn_cls = a
         if self.norm is not None:
