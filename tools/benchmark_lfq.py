@@ -147,15 +147,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ======================================================================= the parent
-def available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def available_bytes() -> int:
+    """The host's free memory, as the sample job's automatic batch reads it."""
+    import torch
+
+    from arforge.memory import free_memory_bytes
+
+    return free_memory_bytes(torch.device("cpu"))
 
 
 def run_child(method: str, args: argparse.Namespace, grad_file: Path) -> dict:
