@@ -54,7 +54,7 @@ conditional half back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -384,13 +384,11 @@ class ARModel(nn.Module):
 
     def keep_rows(self, rows: int) -> None:
         """Decode the first ``rows`` rows only from the next position on (see the module docstring)."""
-        import dataclasses
-
         state = self._decode
         if state is None or not 0 < int(rows) <= state.rows:
             raise ValueError(f"keep_rows({rows}) needs caches set up for at least that many rows "
                              f"(now {None if state is None else state.rows})")
-        self._decode = dataclasses.replace(state, rows=int(rows))
+        self._decode = replace(state, rows=int(rows))
 
     def release_caches(self) -> None:
         self.backbone.release_cache()
